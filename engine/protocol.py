@@ -1,0 +1,118 @@
+"""Replica <-> gateway frames: msgpack maps over ZeroMQ, never pickle. Imports no torch.
+
+Sockets: each replica binds a PULL socket for its inputs (the gateway connects a PUSH to it);
+the gateway binds one PULL socket for the outputs of all replicas (each replica connects a PUSH).
+
+gateway -> replica                          replica -> gateway
+  AddRequest   one request to serve           ReplicaReady  once, after the model is loaded
+  AbortRequests ids to drop (frees blocks)    StepOutputs   new tokens/text per request + stats,
+  Shutdown     finish and exit                              after every step that produced any,
+                                                            and as a heartbeat when idle
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from scheduler.request import SamplingParams
+
+
+@dataclass
+class AddRequest:
+    KIND: ClassVar[str] = "add"
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float
+
+
+@dataclass
+class AbortRequests:
+    KIND: ClassVar[str] = "abort"
+    request_ids: list[str]
+
+
+@dataclass
+class Shutdown:
+    KIND: ClassVar[str] = "shutdown"
+
+
+@dataclass
+class ReplicaReady:
+    KIND: ClassVar[str] = "ready"
+    replica_id: str
+    model: str
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+    pid: int
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request; `text` is the newly decoded text (may be '')."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+    finish_reason: str | None = None
+    """None while running; else "stop" | "length" | "abort" | "error"."""
+    error: str | None = None
+    queue_time: float | None = None
+    """Seconds from arrival at the replica to first scheduling (sent once, with the first output)."""
+
+
+@dataclass
+class ReplicaStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0
+    step_time: float = 0.0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    token_budget: int = 0
+
+
+@dataclass
+class StepOutputs:
+    KIND: ClassVar[str] = "outputs"
+    replica_id: str
+    outputs: list[RequestOutput]
+    stats: ReplicaStats = field(default_factory=ReplicaStats)
+
+
+Message = AddRequest | AbortRequests | Shutdown | ReplicaReady | StepOutputs
+
+
+def encode(msg: Message) -> bytes:
+    body = asdict(msg)
+    if isinstance(msg, AddRequest):
+        body["sampling"] = msg.sampling.to_wire()
+    body["kind"] = msg.KIND
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode(data: bytes) -> Message:
+    body: dict[str, Any] = msgpack.unpackb(data, raw=False)
+    kind = body.pop("kind", None)
+    if kind == AddRequest.KIND:
+        body["sampling"] = SamplingParams.from_wire(body["sampling"])
+        return AddRequest(**body)
+    if kind == AbortRequests.KIND:
+        return AbortRequests(**body)
+    if kind == Shutdown.KIND:
+        return Shutdown()
+    if kind == ReplicaReady.KIND:
+        return ReplicaReady(**body)
+    if kind == StepOutputs.KIND:
+        body["outputs"] = [RequestOutput(**o) for o in body["outputs"]]
+        body["stats"] = ReplicaStats(**body["stats"])
+        return StepOutputs(**body)
+    raise ValueError(f"unknown frame kind {kind!r}")
