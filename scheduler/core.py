@@ -88,10 +88,13 @@ class Scheduler:
                 f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
                 f"({request.sampling.max_tokens}) exceeds max_model_len {limit}"
             )
-        need = self.block_manager.blocks_for(request.num_tokens + 1)
+        # A request must be able to finish alone, or preemption could cycle forever.
+        need = self.block_manager.blocks_for(request.num_tokens + request.sampling.max_tokens)
         if need > self.block_manager.num_blocks:
             raise AdmissionError(
-                f"prompt needs {need} KV blocks but the cache has {self.block_manager.num_blocks}"
+                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
+                f"({request.sampling.max_tokens}) needs {need} KV blocks but the cache has "
+                f"{self.block_manager.num_blocks}"
             )
         request.max_model_len = limit
         self._by_id[request.request_id] = request

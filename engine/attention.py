@@ -1,0 +1,190 @@
+"""Paged attention over a mixed batch: prefill chunks and decodes in one forward.
+
+KV cache, per layer: `[num_blocks, 2, block_size, num_kv_heads, head_dim]` (FlashInfer's NHD
+single-tensor layout; [:, 0] is K, [:, 1] is V).
+
+Metadata is FlashInfer's paged format, built once per step from the scheduler's block tables and
+shared by both backends, so the CUDA path and the CPU path run the same bookkeeping:
+
+    qo_indptr        [B+1]  query rows of sequence b are q[qo_indptr[b]:qo_indptr[b+1]]
+    kv_indptr        [B+1]  its pages are kv_indices[kv_indptr[b]:kv_indptr[b+1]]
+    kv_indices       [P]    physical block ids
+    kv_last_page_len [B]    tokens in its last page (1..block_size)
+
+The KV length of a sequence includes this step's tokens: they are written to the cache first, and
+each query attends to every key at a position <= its own (causal, aligned to the end of the KV).
+Batch order is decodes (one query row) first, then prefill chunks; `num_decodes` marks the split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    qo_indptr: torch.Tensor        # [B+1] int32
+    kv_indptr: torch.Tensor        # [B+1] int32
+    kv_indices: torch.Tensor       # [P] int32
+    kv_last_page_len: torch.Tensor  # [B] int32
+    positions: torch.Tensor        # [T] int64, absolute position of each query row
+    batch_indices: torch.Tensor    # [T] int64, sequence of each query row
+    slot_blocks: torch.Tensor      # [T] int64, block that receives each row's K/V
+    slot_offsets: torch.Tensor     # [T] int64, offset inside that block
+    q_lens: list[int]
+    kv_lens: list[int]
+    num_decodes: int
+    block_size: int
+    # Decode rows attend over a padded block table, gathered once per step for all layers.
+    decode_block_table: torch.Tensor | None  # [D, max_blocks] int64
+    decode_mask: torch.Tensor | None         # [D, 1, 1, max_blocks*block_size] bool
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.q_lens)
+
+
+def build_metadata(
+    seqs: list[tuple[list[int], int, int]], block_size: int, device: torch.device | str = "cpu"
+) -> AttentionMetadata:
+    """`seqs`: (block table, first position computed this step, tokens this step), decodes first."""
+    qo_indptr, kv_indptr, kv_indices, last_len = [0], [0], [], []
+    positions, batch_idx, q_lens, kv_lens = [], [], [], []
+    num_decodes = 0
+    for b, (blocks, start, n) in enumerate(seqs):
+        kv_len = start + n
+        pages = -(-kv_len // block_size)
+        if pages > len(blocks):
+            raise ValueError(f"sequence {b} needs {pages} blocks for {kv_len} tokens, has {len(blocks)}")
+        qo_indptr.append(qo_indptr[-1] + n)
+        kv_indptr.append(kv_indptr[-1] + pages)
+        kv_indices.extend(blocks[:pages])
+        last_len.append(kv_len - (pages - 1) * block_size)
+        positions.extend(range(start, kv_len))
+        batch_idx.extend([b] * n)
+        q_lens.append(n)
+        kv_lens.append(kv_len)
+        if n == 1 and num_decodes == b:
+            num_decodes += 1
+
+    def i32(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int32, device=device)
+
+    pos = torch.tensor(positions, dtype=torch.int64, device=device)
+    bidx = torch.tensor(batch_idx, dtype=torch.int64, device=device)
+    table_rows = [seqs[b][0] for b in range(len(seqs))]
+    slot_blocks = torch.tensor(
+        [table_rows[b][p // block_size] for b, p in zip(batch_idx, positions)],
+        dtype=torch.int64, device=device,
+    )
+
+    decode_table = decode_mask = None
+    if num_decodes:
+        max_pages = max(kv_indptr[b + 1] - kv_indptr[b] for b in range(num_decodes))
+        rows = [
+            kv_indices[kv_indptr[b]:kv_indptr[b + 1]] + [0] * (max_pages - (kv_indptr[b + 1] - kv_indptr[b]))
+            for b in range(num_decodes)
+        ]
+        decode_table = torch.tensor(rows, dtype=torch.int64, device=device)
+        lens = torch.tensor(kv_lens[:num_decodes], device=device)
+        span = torch.arange(max_pages * block_size, device=device)
+        decode_mask = (span[None, :] < lens[:, None])[:, None, None, :]
+
+    return AttentionMetadata(
+        qo_indptr=i32(qo_indptr), kv_indptr=i32(kv_indptr), kv_indices=i32(kv_indices),
+        kv_last_page_len=i32(last_len), positions=pos, batch_indices=bidx,
+        slot_blocks=slot_blocks, slot_offsets=pos % block_size,
+        q_lens=q_lens, kv_lens=kv_lens, num_decodes=num_decodes, block_size=block_size,
+        decode_block_table=decode_table, decode_mask=decode_mask,
+    )
+
+
+class TorchPagedAttention:
+    """Paged attention with plain torch ops (CPU or GPU); the reference for every backend."""
+
+    name = "torch"
+
+    def plan(self, meta: AttentionMetadata, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        self.scale = head_dim ** -0.5
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        kv_cache: torch.Tensor, meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] for this step's rows -> out [T, Hq, D]."""
+        kv_cache[meta.slot_blocks, 0, meta.slot_offsets] = k
+        kv_cache[meta.slot_blocks, 1, meta.slot_offsets] = v
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            # [D, max_blocks, 2, bs, Hkv, Dh] -> K, V as [D, Hkv, max_blocks*bs, Dh]
+            gathered = kv_cache[meta.decode_block_table]
+            d, mb, _, bs, hkv, dh = gathered.shape
+            keys = gathered[:, :, 0].reshape(d, mb * bs, hkv, dh).transpose(1, 2)
+            values = gathered[:, :, 1].reshape(d, mb * bs, hkv, dh).transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                q[:nd].unsqueeze(2), keys, values, attn_mask=meta.decode_mask,
+                scale=self.scale, enable_gqa=True,
+            )  # [D, Hq, 1, Dh]
+            out[:nd] = o.squeeze(2)
+        qo = meta.qo_indptr.tolist()
+        kvp = meta.kv_indptr.tolist()
+        for b in range(nd, meta.num_seqs):
+            q_len, kv_len = meta.q_lens[b], meta.kv_lens[b]
+            pages = meta.kv_indices[kvp[b]:kvp[b + 1]].long()
+            blocks = kv_cache[pages]  # [pages, 2, bs, Hkv, Dh]
+            keys = blocks[:, 0].reshape(-1, *blocks.shape[-2:])[:kv_len].transpose(0, 1)
+            values = blocks[:, 1].reshape(-1, *blocks.shape[-2:])[:kv_len].transpose(0, 1)
+            qb = q[qo[b]:qo[b + 1]].transpose(0, 1)  # [Hq, q_len, Dh]
+            if q_len == kv_len:
+                o = F.scaled_dot_product_attention(qb, keys, values, is_causal=True,
+                                                   scale=self.scale, enable_gqa=True)
+            else:
+                # Causal aligned to the end: query i sits at position kv_len - q_len + i.
+                mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+                o = F.scaled_dot_product_attention(qb, keys, values, attn_mask=mask,
+                                                   scale=self.scale, enable_gqa=True)
+            out[qo[b]:qo[b + 1]] = o.transpose(0, 1)
+        return out
+
+
+class FlashInferPagedAttention:
+    """FlashInfer's batch prefill kernel over the same paged metadata (CUDA only).
+
+    Decodes are query rows of length 1 in the same ragged batch, so one wrapper serves the whole
+    hybrid batch. Written against FlashInfer's documented API; it cannot run on this CPU machine.
+    """
+
+    name = "flashinfer"
+
+    def __init__(self, device: torch.device, workspace_bytes: int = 128 * 1024 * 1024) -> None:
+        import flashinfer  # noqa: PLC0415 - optional, CUDA only
+
+        self._flashinfer = flashinfer
+        self._workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
+        self._wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
+
+    def plan(self, meta: AttentionMetadata, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        self._wrapper.plan(
+            meta.qo_indptr, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len,
+            num_heads, num_kv_heads, head_dim, meta.block_size, causal=True,
+        )
+
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        self._flashinfer.page.append_paged_kv_cache(
+            k, v, meta.batch_indices.int(), meta.positions.int(), kv_cache,
+            meta.kv_indices, meta.kv_indptr, meta.kv_last_page_len, kv_layout="NHD",
+        )
+        return self._wrapper.run(q, kv_cache)
+
+
+def make_attention_backend(name: str, device: torch.device):
+    if name == "torch":
+        return TorchPagedAttention()
+    if name == "flashinfer":
+        if device.type != "cuda":
+            raise ValueError("the flashinfer attention backend needs a CUDA device; use --attention torch")
+        return FlashInferPagedAttention(device)
+    raise ValueError(f"unknown attention backend {name!r}; choose torch or flashinfer")

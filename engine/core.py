@@ -1,0 +1,132 @@
+"""EngineCore: one replica's scheduler + runner + detokenizer, stepped by its server loop.
+
+    step():  out = scheduler.schedule(now)
+             result = runner.execute(out)
+             updated = scheduler.update(out, result.sampled, now)
+             -> detokenize new tokens, end requests whose text hit a stop string, report outputs
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.model_config import ModelConfig
+from engine.protocol import ReplicaStats, RequestOutput
+from engine.runner import ModelRunner
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from scheduler.core import AdmissionError
+from scheduler.request import FinishReason, Request, SamplingParams
+from scheduler.sarathi import make_scheduler
+
+
+@dataclass
+class StepStats:
+    step_time: float = 0.0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_seqs: int = 0
+    token_budget: int = 0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, keep_logits: bool = False) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model_dir)
+        self.tokenizer = Tokenizer.from_dir(config.model_dir)
+        self.runner = ModelRunner(config, self.model_config, keep_logits=keep_logits)
+        self.scheduler = make_scheduler(config.scheduler, self.runner.num_blocks)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._queue_time_sent: set[str] = set()
+        self.last_step = StepStats()
+        self.last_logits = None
+
+    # -- requests in ------------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> RequestOutput | None:
+        """Queue a request; returns an error output right away if it can never run here."""
+        request = Request(
+            request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling=sampling,
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            eos_token_ids=self.eos_token_ids,
+        )
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
+        try:
+            if bad:
+                raise AdmissionError(f"token ids outside the vocabulary: {bad[:5]}")
+            self.scheduler.add_request(request)
+        except AdmissionError as e:
+            return RequestOutput(request_id, [], "", len(prompt_token_ids), 0,
+                                 finish_reason=FinishReason.ERROR.value, error=str(e))
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
+        return None
+
+    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        outputs = []
+        for rid in request_ids:
+            request = self.scheduler.finish(rid, FinishReason.ABORT)
+            if request is not None:
+                outputs.append(self._output(request, [], ""))
+        return outputs
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the hot loop ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        now = time.monotonic()
+        out = self.scheduler.schedule(now)
+        result = self.runner.execute(out)
+        updated = self.scheduler.update(out, result.sampled, time.monotonic())
+        self.last_logits = result.logits
+
+        outputs = []
+        for request in updated:
+            token = request.output_token_ids[-1]
+            detok = self._detok[request.request_id]
+            text, stop_hit = detok.add([token])
+            if stop_hit and not request.is_finished:
+                self.scheduler.finish(request.request_id, FinishReason.STOP)
+            elif request.is_finished and not stop_hit:
+                text += detok.flush()
+            if stop_hit:
+                request.finish_reason = FinishReason.STOP
+            outputs.append(self._output(request, [token], text))
+        self.last_step = StepStats(
+            step_time=time.perf_counter() - start, num_prefill_tokens=out.num_prefill_tokens,
+            num_decode_tokens=out.num_decode_tokens, num_seqs=len(out.chunks),
+            token_budget=out.token_budget,
+        )
+        return outputs
+
+    def _output(self, request: Request, new_tokens: list[int], text: str) -> RequestOutput:
+        rid = request.request_id
+        queue_time = None
+        if rid not in self._queue_time_sent and request.first_scheduled_time is not None:
+            queue_time = request.first_scheduled_time - request.arrival_time
+            self._queue_time_sent.add(rid)
+        reason = request.finish_reason.value if request.is_finished else None
+        if request.is_finished:
+            self._detok.pop(rid, None)
+            self._queue_time_sent.discard(rid)
+            self.runner.release(rid)
+        return RequestOutput(
+            request_id=rid, new_token_ids=new_tokens, text=text,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens, finish_reason=reason,
+            queue_time=queue_time,
+        )
+
+    def stats(self) -> ReplicaStats:
+        s, bm = self.scheduler, self.scheduler.block_manager
+        return ReplicaStats(
+            num_running=len(s.running), num_waiting=len(s.waiting),
+            num_free_blocks=bm.num_free_blocks, num_blocks=bm.num_blocks,
+            kv_cache_usage=bm.usage, num_preemptions=s.num_preemptions,
+            step_time=self.last_step.step_time, num_prefill_tokens=self.last_step.num_prefill_tokens,
+            num_decode_tokens=self.last_step.num_decode_tokens, token_budget=s.token_budget,
+        )

@@ -1,0 +1,76 @@
+"""The architecture of a Llama-family checkpoint, read from its HF `config.json` (no torch)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    """HF model_type; Llama, Mistral and Qwen2 share this architecture."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    """Fewer than num_heads means grouped-query attention."""
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    """None, or HF's {"rope_type": "linear" | "llama3", ...}."""
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    """lm_head shares the input embedding matrix."""
+    qkv_bias: bool
+    """Bias on the q/k/v projections (Qwen2, or Llama with attention_bias)."""
+    o_bias: bool
+    sliding_window: int | None
+    """Mistral's window; sequences must stay within it (no windowed attention here)."""
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        with open(Path(model_dir) / "config.json") as f:
+            return cls.from_hf(json.load(f))
+
+    @classmethod
+    def from_hf(cls, c: dict[str, Any]) -> "ModelConfig":
+        model_type = c.get("model_type", "llama")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
+            )
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {c['hidden_act']!r}; only silu (SwiGLU)")
+        heads = c["num_attention_heads"]
+        rope_scaling = c.get("rope_scaling")
+        if rope_scaling is not None:
+            kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+            if kind not in ("linear", "llama3", "default"):
+                raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: linear, llama3")
+        attention_bias = bool(c.get("attention_bias", False))
+        use_sliding = c.get("use_sliding_window", model_type == "mistral")
+        return cls(
+            model_type=model_type,
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=float(c.get("rope_theta", 10000.0)),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=c.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=attention_bias and model_type == "llama",
+            sliding_window=c.get("sliding_window") if use_sliding else None,
+        )

@@ -1,0 +1,146 @@
+"""A hybrid replica process: an EngineCore behind two ZeroMQ sockets.
+
+Request life cycle on this node:
+1. the gateway PUSHes `AddRequest` (prompt token ids + sampling) to our bound PULL socket;
+2. the request waits in the scheduler until its blocks can be allocated (FCFS);
+3. each step computes a chunk of its prompt (stall-free: decodes first, then prefill chunks);
+4. once the prompt is done every step samples one token; new tokens and text go back to the
+   gateway in a `StepOutputs` frame right after the step that produced them;
+5. it ends on EOS / stop / length, or on `AbortRequests` (client gone); either way its KV blocks
+   are freed in that step and a final output with `finish_reason` is sent.
+
+The server never blocks on the network while it has work: inputs are drained without waiting
+between steps, and it only sleeps in `poll` (bounded) when idle. It exits when told to, or when the
+process that started it dies.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import time
+
+import torch
+import zmq
+
+from engine import protocol
+from engine.config import EngineConfig
+from engine.core import EngineCore
+
+log = logging.getLogger("tandem.replica")
+
+HEARTBEAT_S = 0.5
+IDLE_POLL_MS = 50
+
+
+class ReplicaServer:
+    def __init__(self, replica_id: str, config: EngineConfig, input_addr: str, output_addr: str) -> None:
+        self.replica_id = replica_id
+        self.engine = EngineCore(config)
+        self.ctx = zmq.Context()
+        self.inputs = self.ctx.socket(zmq.PULL)
+        self.inputs.bind(input_addr)
+        self.outputs = self.ctx.socket(zmq.PUSH)
+        self.outputs.setsockopt(zmq.LINGER, 1000)
+        self.outputs.setsockopt(zmq.SNDHWM, 0)   # never drop or block on token frames
+        self.outputs.connect(output_addr)
+        self.poller = zmq.Poller()
+        self.poller.register(self.inputs, zmq.POLLIN)
+        self._running = True
+        self._parent = os.getppid()
+
+    def _send(self, msg) -> None:
+        self.outputs.send(protocol.encode(msg), copy=False)
+
+    def _handle(self, msg) -> list[protocol.RequestOutput]:
+        if isinstance(msg, protocol.AddRequest):
+            err = self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.sampling)
+            return [err] if err else []
+        if isinstance(msg, protocol.AbortRequests):
+            return self.engine.abort(msg.request_ids)
+        if isinstance(msg, protocol.Shutdown):
+            self._running = False
+            return []
+        log.warning("replica %s ignores frame %r", self.replica_id, type(msg).__name__)
+        return []
+
+    def _drain_inputs(self, timeout_ms: int) -> list[protocol.RequestOutput]:
+        outputs: list[protocol.RequestOutput] = []
+        if not self.poller.poll(timeout_ms):
+            return outputs
+        while True:
+            try:
+                frame = self.inputs.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return outputs
+            try:
+                outputs.extend(self._handle(protocol.decode(frame)))
+            except Exception as e:  # a bad frame must not take the replica down
+                log.exception("bad input frame: %s", e)
+
+    def serve(self) -> None:
+        cfg = self.engine.config
+        self._send(protocol.ReplicaReady(
+            replica_id=self.replica_id, model=cfg.model_name,
+            max_model_len=cfg.scheduler.max_model_len, num_blocks=self.engine.runner.num_blocks,
+            block_size=cfg.scheduler.block_size, pid=os.getpid(),
+        ))
+        last_sent = time.monotonic()
+        while self._running:
+            outputs = self._drain_inputs(0 if self.engine.has_work() else IDLE_POLL_MS)
+            if self.engine.has_work():
+                try:
+                    outputs.extend(self.engine.step())
+                except Exception as e:
+                    log.exception("step failed")
+                    outputs.extend(self._fail_all(f"replica step failed: {e}"))
+            now = time.monotonic()
+            if outputs or now - last_sent >= HEARTBEAT_S:
+                self._send(protocol.StepOutputs(self.replica_id, outputs, self.engine.stats()))
+                last_sent = now
+            if os.getppid() != self._parent:
+                log.warning("parent process exited; replica %s stops", self.replica_id)
+                break
+        self.close()
+
+    def _fail_all(self, message: str) -> list[protocol.RequestOutput]:
+        """After an engine error, end every request with that error rather than hang them."""
+        s = self.engine.scheduler
+        ids = [r.request_id for r in [*s.running, *s.waiting]]
+        outputs = self.engine.abort(ids)
+        for o in outputs:
+            o.finish_reason, o.error = "error", message
+        return outputs
+
+    def close(self) -> None:
+        self.inputs.close(linger=0)
+        self.outputs.close()
+        self.ctx.term()
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Run one Tandem hybrid replica (started by `tandem serve`).")
+    p.add_argument("--replica-id", required=True)
+    p.add_argument("--input-addr", required=True, help="ZeroMQ address this replica binds for requests")
+    p.add_argument("--output-addr", required=True, help="ZeroMQ address of the gateway's output socket")
+    p.add_argument("--config-json", required=True, help="EngineConfig as JSON")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = EngineConfig.from_dict(json.loads(args.config_json))
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    server = ReplicaServer(args.replica_id, config, args.input_addr, args.output_addr)
+    log.info("replica %s ready: %d KV blocks, %d threads", args.replica_id,
+             server.engine.runner.num_blocks, torch.get_num_threads())
+    server.serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Model runner: turns a SchedulerOutput into one forward over the whole hybrid batch.
+
+It owns the model, the KV-cache tensors and the sampler; the scheduler's block tables are the only
+link between the two sides. Only rows whose chunk reaches the end of its request go through the LM
+head (a partial prefill chunk needs no logits).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import build_metadata, make_attention_backend
+from engine.config import EngineConfig
+from engine.model import LlamaForCausalLM
+from engine.model_config import ModelConfig
+from engine.sampler import Sampler
+from engine.weights import load_state_dict
+from scheduler.core import SchedulerOutput
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int]
+    """Next token of every request whose chunk reached its end this step."""
+    logits: dict[str, torch.Tensor] | None = None
+    """The logits behind each sampled token, kept only when the runner is asked to (tests)."""
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, keep_logits: bool = False) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = torch.device(config.device)
+        self.dtype = _DTYPES[config.dtype]
+        self.block_size = config.scheduler.block_size
+        self.keep_logits = keep_logits
+
+        self.model = LlamaForCausalLM(model_config).to(dtype=self.dtype)
+        self.model.load_weights(load_state_dict(config.model_dir, self.dtype))
+        self.model.inv_freq = self.model.inv_freq.float()  # RoPE angles stay fp32 in every dtype
+        self.model.to(self.device).eval()
+
+        per_block = kv_bytes_per_block(model_config, self.block_size, self.dtype)
+        self.num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_gb * 2**30) // per_block)
+        shape = (self.num_blocks, 2, self.block_size, model_config.num_kv_heads, model_config.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(model_config.num_layers)]
+        self.backend = make_attention_backend(config.attention, self.device)
+        self.sampler = Sampler(config.seed)
+
+    def release(self, request_id: str) -> None:
+        self.sampler.release(request_id)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        if out.is_empty:
+            return RunnerOutput(sampled={})
+        input_ids: list[int] = []
+        seqs = []
+        last_rows, sampling_chunks = [], []
+        for chunk in out.chunks:
+            r = chunk.request
+            input_ids.extend(r.token_ids(chunk.start, chunk.start + chunk.num_tokens))
+            seqs.append((r.block_ids, chunk.start, chunk.num_tokens))
+            if chunk.samples:
+                last_rows.append(len(input_ids) - 1)
+                sampling_chunks.append(chunk)
+        meta = build_metadata(seqs, self.block_size, self.device)
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
+        hidden = self.model(ids, meta.positions, self.kv_caches, meta, self.backend)
+        if not last_rows:
+            return RunnerOutput(sampled={})
+        logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+        request_ids = [c.request.request_id for c in sampling_chunks]
+        tokens = self.sampler(logits.cpu(), request_ids, [c.request.sampling for c in sampling_chunks])
+        result = RunnerOutput(sampled=dict(zip(request_ids, tokens)))
+        if self.keep_logits:
+            result.logits = {rid: logits[i].cpu() for i, rid in enumerate(request_ids)}
+        return result
