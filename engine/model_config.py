@@ -49,11 +49,14 @@ class ModelConfig:
         if c.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {c['hidden_act']!r}; only silu (SwiGLU)")
         heads = c["num_attention_heads"]
-        rope_scaling = c.get("rope_scaling")
-        if rope_scaling is not None:
-            kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
-            if kind not in ("linear", "llama3", "default"):
-                raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: linear, llama3")
+        # transformers >= 5 writes `rope_parameters` (theta + scaling together); older configs
+        # write `rope_theta` and `rope_scaling` at the top level.
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        rope_theta = float(rope.pop("rope_theta", c.get("rope_theta", 10000.0)))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("linear", "llama3", "default"):
+            raise ValueError(f"unsupported rope type {kind!r}; supported: default, linear, llama3")
+        rope_scaling = rope if kind != "default" else None
         attention_bias = bool(c.get("attention_bias", False))
         use_sliding = c.get("use_sliding_window", model_type == "mistral")
         return cls(
@@ -66,7 +69,7 @@ class ModelConfig:
             num_kv_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or c["hidden_size"] // heads,
             rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            rope_theta=float(c.get("rope_theta", 10000.0)),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=c.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
