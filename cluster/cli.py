@@ -42,7 +42,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--token-budget", type=int, default=256,
                    help="Most tokens per iteration (decodes + prefill chunks). Lower keeps time "
                         "between tokens low; higher prefills faster.")
-    s.add_argument("--max-num-seqs", type=int, default=64, help="Most requests running at once.")
+    s.add_argument("--max-num-seqs", type=int, default=None,
+                   help="Most requests running at once (default: min(64, token budget), since every "
+                        "running decode needs its token in each iteration).")
 
 
 def _engine_config(args: argparse.Namespace):
@@ -66,7 +68,8 @@ def _engine_config(args: argparse.Namespace):
     else:
         name = Path(args.model).name.removesuffix(".gguf")
     try:
-        sched = SchedulerConfig(token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
+        max_num_seqs = args.max_num_seqs or min(64, args.token_budget)
+        sched = SchedulerConfig(token_budget=args.token_budget, max_num_seqs=max_num_seqs,
                                 block_size=args.block_size, max_model_len=max_len)
         return EngineConfig(model_dir=str(model_dir), model_name=name, dtype=args.dtype,
                             device=args.device, attention=args.attention, threads=args.threads,
@@ -74,6 +77,30 @@ def _engine_config(args: argparse.Namespace):
                             scheduler=sched)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def _server_class():
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGINT/SIGTERM once it has stopped, which would cancel our own
+        clean-up (telling replicas to shut down); here a signal just asks the server to exit."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.handle_exit, sig, None)
+            try:
+                yield
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+
+    return Server
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -97,6 +124,7 @@ async def _serve_gateway(args, engine_cfg, launcher) -> None:
     from gateway.config import GatewayConfig
     from gateway.replica_client import ReplicaPool
 
+    _Server = _server_class()
     gw_cfg = GatewayConfig(
         host=args.host, port=args.port, model_name=engine_cfg.model_name,
         max_model_len=engine_cfg.scheduler.max_model_len,
@@ -107,7 +135,7 @@ async def _serve_gateway(args, engine_cfg, launcher) -> None:
                        heartbeat_timeout_s=gw_cfg.heartbeat_timeout_s)
     await pool.start()
     app = create_app(gw_cfg, Tokenizer.from_dir(engine_cfg.model_dir), pool)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
 
     async def watch_replicas() -> None:
         ready = asyncio.create_task(pool.wait_ready(gw_cfg.replica_ready_timeout_s))

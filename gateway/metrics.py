@@ -1,0 +1,88 @@
+"""Prometheus metrics of the gateway, in a registry per app (tests create many apps).
+
+Names follow vLLM's (`tandem:` instead of `vllm:`); everything is labelled by `replica`.
+Per-request histograms/counters are observed by the request handlers; the replica gauges are
+refreshed from the latest ReplicaStats each time `/metrics` is scraped.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from engine.protocol import ReplicaStats
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                60.0, 120.0, 240.0, 480.0, 960.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "tandem:time_to_first_token_seconds", "Gateway arrival to first generated token.",
+            ["replica"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "tandem:inter_token_latency_seconds", "Time between consecutive outputs of a request.",
+            ["replica"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e_request_latency = Histogram(
+            "tandem:e2e_request_latency_seconds", "Gateway arrival to the finished response.",
+            ["replica"], buckets=_E2E_BUCKETS, registry=r)
+        self.request_queue_time = Histogram(
+            "tandem:request_queue_time_seconds", "Arrival at the replica to first scheduling.",
+            ["replica"], buckets=_E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(
+            "tandem:prompt_tokens", "Prompt tokens of finished requests.", ["replica"], registry=r)
+        self.generation_tokens = Counter(
+            "tandem:generation_tokens", "Generated tokens.", ["replica"], registry=r)
+        self.request_success = Counter(
+            "tandem:request_success", "Requests finished, by finish reason.",
+            ["replica", "finished_reason"], registry=r)
+        self.num_requests_running = Gauge(
+            "tandem:num_requests_running", "Requests running on the replica.", ["replica"],
+            registry=r)
+        self.num_requests_waiting = Gauge(
+            "tandem:num_requests_waiting", "Requests waiting on the replica.", ["replica"],
+            registry=r)
+        self.kv_cache_usage_perc = Gauge(
+            "tandem:kv_cache_usage_perc", "KV cache usage of the replica (1 = 100%).", ["replica"],
+            registry=r)
+
+    def update_replica(self, replica_id: str, stats: ReplicaStats) -> None:
+        self.num_requests_running.labels(replica=replica_id).set(stats.num_running)
+        self.num_requests_waiting.labels(replica=replica_id).set(stats.num_waiting)
+        self.kv_cache_usage_perc.labels(replica=replica_id).set(stats.kv_cache_usage)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Observes one request's latencies as its outputs arrive."""
+
+    def __init__(self, metrics: GatewayMetrics, replica_id: str, start: float) -> None:
+        self.m = metrics
+        self.replica = replica_id
+        self.start = start
+        self.last: float | None = None
+
+    def on_output(self, now: float, num_new_tokens: int, queue_time: float | None) -> None:
+        if queue_time is not None:
+            self.m.request_queue_time.labels(replica=self.replica).observe(queue_time)
+        if num_new_tokens <= 0:
+            return
+        if self.last is None:
+            self.m.time_to_first_token.labels(replica=self.replica).observe(now - self.start)
+        else:
+            self.m.inter_token_latency.labels(replica=self.replica).observe(now - self.last)
+        self.last = now
+        self.m.generation_tokens.labels(replica=self.replica).inc(num_new_tokens)
+
+    def on_finish(self, now: float, finish_reason: str, num_prompt_tokens: int) -> None:
+        self.m.e2e_request_latency.labels(replica=self.replica).observe(now - self.start)
+        self.m.prompt_tokens.labels(replica=self.replica).inc(num_prompt_tokens)
+        self.m.request_success.labels(replica=self.replica, finished_reason=finish_reason).inc()
