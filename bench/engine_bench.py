@@ -80,7 +80,7 @@ def run_engine_bench(config: EngineConfig, batch_sizes: list[int], context: int,
     bare = ContiguousAttention(mc.num_layers)
     rows = []
     for b in batch_sizes:
-        sampling = SamplingParams(max_tokens=10**6 // 2, temperature=0.0, ignore_eos=True)
+        sampling = SamplingParams(max_tokens=4 * repeats + 8, temperature=0.0, ignore_eos=True)
         for i in range(b):
             err = engine.add_request(f"bench-{b}-{i}", [(7 * i + j) % mc.vocab_size + 1 for j in range(context)], sampling)
             if err:

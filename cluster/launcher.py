@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
@@ -57,7 +58,15 @@ class LocalLauncher:
         """Replicas whose process has exited, with their exit codes."""
         return {rid: p.returncode for rid, p in self.procs.items() if p.poll() is not None}
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, grace: float = 3.0, timeout: float = 10.0) -> None:
+        """Give replicas `grace` seconds to exit on their own (the gateway sent them Shutdown),
+        then SIGTERM, then SIGKILL after `timeout`."""
+        deadline = time.monotonic() + grace
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
         for p in self.procs.values():
             if p.poll() is None:
                 p.terminate()

@@ -114,14 +114,19 @@ class TorchPagedAttention:
         kv_cache: torch.Tensor, meta: AttentionMetadata,
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] for this step's rows -> out [T, Hq, D]."""
-        kv_cache[meta.slot_blocks, 0, meta.slot_offsets] = k
-        kv_cache[meta.slot_blocks, 1, meta.slot_offsets] = v
+        # Rows of the cache viewed as [num_blocks * 2 * block_size, Hkv, D]: K of (block, offset)
+        # is row (2 * block) * bs + offset, its V is block_size rows further.
+        rows = kv_cache.view(-1, *kv_cache.shape[-2:])
+        k_rows = meta.slot_blocks * (2 * meta.block_size) + meta.slot_offsets
+        rows.index_copy_(0, k_rows, k)
+        rows.index_copy_(0, k_rows + meta.block_size, v)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            # [D, max_blocks, 2, bs, Hkv, Dh] -> K, V as [D, Hkv, max_blocks*bs, Dh]
-            gathered = kv_cache[meta.decode_block_table]
-            d, mb, _, bs, hkv, dh = gathered.shape
+            # index_select is several times faster than advanced indexing on CPU.
+            table = meta.decode_block_table
+            gathered = kv_cache.index_select(0, table.view(-1)).view(*table.shape, *kv_cache.shape[1:])
+            d, mb, _, bs, hkv, dh = gathered.shape  # [D, max_blocks, 2, bs, Hkv, Dh]
             keys = gathered[:, :, 0].reshape(d, mb * bs, hkv, dh).transpose(1, 2)
             values = gathered[:, :, 1].reshape(d, mb * bs, hkv, dh).transpose(1, 2)
             o = F.scaled_dot_product_attention(
@@ -134,7 +139,7 @@ class TorchPagedAttention:
         for b in range(nd, meta.num_seqs):
             q_len, kv_len = meta.q_lens[b], meta.kv_lens[b]
             pages = meta.kv_indices[kvp[b]:kvp[b + 1]].long()
-            blocks = kv_cache[pages]  # [pages, 2, bs, Hkv, Dh]
+            blocks = kv_cache.index_select(0, pages)  # [pages, 2, bs, Hkv, Dh]
             keys = blocks[:, 0].reshape(-1, *blocks.shape[-2:])[:kv_len].transpose(0, 1)
             values = blocks[:, 1].reshape(-1, *blocks.shape[-2:])[:kv_len].transpose(0, 1)
             qb = q[qo[b]:qo[b + 1]].transpose(0, 1)  # [Hq, q_len, Dh]

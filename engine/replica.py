@@ -51,6 +51,9 @@ class ReplicaServer:
         self._running = True
         self._parent = os.getppid()
 
+    def stop(self) -> None:
+        self._running = False
+
     def _send(self, msg) -> None:
         self.outputs.send(protocol.encode(msg), copy=False)
 
@@ -120,10 +123,6 @@ class ReplicaServer:
         self.ctx.term()
 
 
-def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(0)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Run one Tandem hybrid replica (started by `tandem serve`).")
     p.add_argument("--replica-id", required=True)
@@ -135,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     config = EngineConfig.from_dict(json.loads(args.config_json))
     if config.threads:
         torch.set_num_threads(config.threads)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     server = ReplicaServer(args.replica_id, config, args.input_addr, args.output_addr)
+    # Until here SIGTERM kills outright (model loading); from now on it ends the loop cleanly.
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
     log.info("replica %s ready: %d KV blocks, %d threads", args.replica_id,
              server.engine.runner.num_blocks, torch.get_num_threads())
     server.serve()
