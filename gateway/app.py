@@ -298,9 +298,7 @@ def create_app(config: GatewayConfig, tokenizer: Tokenizer, pool: ReplicaPool) -
         timer = RequestTimer(metrics, stream.replica_id, start)
         ts, model = now_ts(), config.model_name
         if body.stream:
-            gen = (_stream_chat if chat else _stream_completion)(
-                stream, timer, ts, model, body.include_usage)
-            return _SSEResponse(gen, stream)
+            return _SSEResponse(_stream(stream, timer, ts, model, body.include_usage, chat), stream)
         result = await collect(request, stream, timer)
         if result is None:  # client went away; nobody reads this
             return Response(status_code=499)
@@ -338,44 +336,34 @@ def create_app(config: GatewayConfig, tokenizer: Tokenizer, pool: ReplicaPool) -
                 raise replica_error(out)
             yield out.text, out.finish_reason, out
 
-    async def _stream_completion(stream: RequestStream, timer: RequestTimer, ts: int, model: str,
-                                 include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(stream: RequestStream, timer: RequestTimer, ts: int, model: str,
+                      include_usage: bool, chat: bool) -> AsyncIterator[str]:
+        """SSE events of one request: text pieces, the finish reason, optional usage, [DONE]."""
         rid, last = stream.request_id, None
-        try:
-            async for text, reason, out in _stream_outputs(stream, timer):
-                last = out
-                if text or reason:
-                    yield _sse(completion_chunk(rid, ts, model, text, reason, include_usage))
-            if last is not None:
-                timer.on_finish(time.perf_counter(), last.finish_reason, stream.num_prompt_tokens)
-                if include_usage:
-                    yield _sse(usage_chunk(rid, ts, model, "text_completion",
-                                           stream.num_prompt_tokens, last.num_output_tokens))
-        except APIError as exc:
-            yield _sse(error_body(exc.message, exc.type, exc.param, exc.code))
-        finally:
-            if not stream.finished:
-                stream.abort()
-                timer.on_finish(time.perf_counter(), "abort", stream.num_prompt_tokens)
-        yield "data: [DONE]\n\n"
 
-    async def _stream_chat(stream: RequestStream, timer: RequestTimer, ts: int, model: str,
-                           include_usage: bool) -> AsyncIterator[str]:
-        rid, last = stream.request_id, None
+        def chunk(text: str, reason: str | None) -> str:
+            if chat:
+                delta = {"content": text} if text else {}
+                return _sse(chat_chunk(rid, ts, model, delta, reason, include_usage))
+            return _sse(completion_chunk(rid, ts, model, text, reason, include_usage))
+
         try:
-            yield _sse(chat_chunk(rid, ts, model, {"role": "assistant", "content": ""}, None,
-                                  include_usage))
+            if chat:  # OpenAI opens a chat stream with the role
+                yield _sse(chat_chunk(rid, ts, model, {"role": "assistant", "content": ""}, None,
+                                      include_usage))
             async for text, reason, out in _stream_outputs(stream, timer):
                 last = out
-                if text:
-                    yield _sse(chat_chunk(rid, ts, model, {"content": text}, None, include_usage))
-                if reason:
-                    yield _sse(chat_chunk(rid, ts, model, {}, reason, include_usage))
+                if chat and text and reason:  # chat sends the finish reason in a chunk of its own
+                    yield chunk(text, None)
+                    text = ""
+                if text or reason:
+                    yield chunk(text, reason)
             if last is not None:
                 timer.on_finish(time.perf_counter(), last.finish_reason, stream.num_prompt_tokens)
                 if include_usage:
-                    yield _sse(usage_chunk(rid, ts, model, "chat.completion.chunk",
-                                           stream.num_prompt_tokens, last.num_output_tokens))
+                    obj = "chat.completion.chunk" if chat else "text_completion"
+                    yield _sse(usage_chunk(rid, ts, model, obj, stream.num_prompt_tokens,
+                                           last.num_output_tokens))
         except APIError as exc:
             yield _sse(error_body(exc.message, exc.type, exc.param, exc.code))
         finally:
