@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from scheduler.config import SchedulerConfig
+from scheduler.config import BudgetConfig, SchedulerConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -28,6 +28,8 @@ class EngineConfig:
     """Exact number of KV blocks (overrides kv_cache_gb)."""
     seed: int = 0
     """Seed of the shared sampling generator (requests with their own seed use that)."""
+    trace_file: str | None = None
+    """Append one JSON line of telemetry per iteration here (see scheduler.telemetry)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -46,5 +48,7 @@ class EngineConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EngineConfig":
         d = dict(d)
-        d["scheduler"] = SchedulerConfig(**d.get("scheduler", {}))
+        sched = dict(d.get("scheduler", {}))
+        sched["budget"] = BudgetConfig(**sched.get("budget", {}))
+        d["scheduler"] = SchedulerConfig(**sched)
         return cls(**d)

@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-
 from engine.config import EngineConfig
 from engine.model_config import ModelConfig
 from engine.protocol import ReplicaStats, RequestOutput
@@ -17,16 +15,8 @@ from engine.runner import ModelRunner
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from scheduler.core import AdmissionError
 from scheduler.request import FinishReason, Request, SamplingParams
-from scheduler.sarathi import make_scheduler
-
-
-@dataclass
-class StepStats:
-    step_time: float = 0.0
-    num_prefill_tokens: int = 0
-    num_decode_tokens: int = 0
-    num_seqs: int = 0
-    token_budget: int = 0
+from scheduler.policies import make_scheduler
+from scheduler.telemetry import IterationStats
 
 
 class EngineCore:
@@ -35,11 +25,17 @@ class EngineCore:
         self.model_config = ModelConfig.from_dir(config.model_dir)
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
         self.runner = ModelRunner(config, self.model_config, keep_logits=keep_logits)
-        self.scheduler = make_scheduler(config.scheduler, self.runner.num_blocks)
+        step_model = None
+        if config.scheduler.budget.kind == "profiled":
+            from engine.profiler import load_or_profile  # noqa: PLC0415 - only this mode needs it
+
+            step_model = load_or_profile(self.runner, config.scheduler)
+        self.scheduler = make_scheduler(config.scheduler, self.runner.num_blocks, step_model)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._queue_time_sent: set[str] = set()
-        self.last_step = StepStats()
+        self.iteration = 0
+        self.last_step: IterationStats | None = None
         self.last_logits = None
 
     # -- requests in ------------------------------------------------------------------------
@@ -96,11 +92,16 @@ class EngineCore:
             if stop_hit:
                 request.finish_reason = FinishReason.STOP
             outputs.append(self._output(request, [token], text))
-        self.last_step = StepStats(
-            step_time=time.perf_counter() - start, num_prefill_tokens=out.num_prefill_tokens,
-            num_decode_tokens=out.num_decode_tokens, num_seqs=len(out.chunks),
-            token_budget=out.token_budget,
+        s = self.scheduler
+        self.last_step = IterationStats(
+            iteration=self.iteration, time=time.time(), step_time=time.perf_counter() - start,
+            token_budget=out.token_budget, num_decode_tokens=out.num_decode_tokens,
+            num_prefill_tokens=out.num_prefill_tokens, num_seqs=len(out.chunks),
+            num_preemptions=len(out.preempted_ids), num_running=len(s.running),
+            num_waiting=len(s.waiting), kv_cache_usage=s.block_manager.usage,
         )
+        self.iteration += 1
+        s.observe(self.last_step)
         return outputs
 
     def _output(self, request: Request, new_tokens: list[int], text: str) -> RequestOutput:
@@ -126,7 +127,5 @@ class EngineCore:
         return ReplicaStats(
             num_running=len(s.running), num_waiting=len(s.waiting),
             num_free_blocks=bm.num_free_blocks, num_blocks=bm.num_blocks,
-            kv_cache_usage=bm.usage, num_preemptions=s.num_preemptions,
-            step_time=self.last_step.step_time, num_prefill_tokens=self.last_step.num_prefill_tokens,
-            num_decode_tokens=self.last_step.num_decode_tokens, token_budget=s.token_budget,
+            kv_cache_usage=bm.usage, num_preemptions=s.num_preemptions, token_budget=s.token_budget,
         )

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import msgpack
 
 from scheduler.request import SamplingParams
+from scheduler.telemetry import IterationStats
 
 
 @dataclass
@@ -68,15 +69,15 @@ class RequestOutput:
 
 @dataclass
 class ReplicaStats:
+    """The replica's state after its latest step (the gateway's gauges and routing read it)."""
+
     num_running: int = 0
     num_waiting: int = 0
     num_free_blocks: int = 0
     num_blocks: int = 0
     kv_cache_usage: float = 0.0
     num_preemptions: int = 0
-    step_time: float = 0.0
-    num_prefill_tokens: int = 0
-    num_decode_tokens: int = 0
+    """Total since start."""
     token_budget: int = 0
 
 
@@ -86,6 +87,8 @@ class StepOutputs:
     replica_id: str
     outputs: list[RequestOutput]
     stats: ReplicaStats = field(default_factory=ReplicaStats)
+    iterations: list[IterationStats] = field(default_factory=list)
+    """Telemetry of every step since the previous frame (usually one)."""
 
 
 Message = AddRequest | AbortRequests | Shutdown | ReplicaReady | StepOutputs
@@ -114,5 +117,6 @@ def decode(data: bytes) -> Message:
     if kind == StepOutputs.KIND:
         body["outputs"] = [RequestOutput(**o) for o in body["outputs"]]
         body["stats"] = ReplicaStats(**body["stats"])
+        body["iterations"] = [IterationStats(**i) for i in body.get("iterations", ())]
         return StepOutputs(**body)
     raise ValueError(f"unknown frame kind {kind!r}")

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import time
+from dataclasses import asdict
 
 import torch
 import zmq
@@ -50,6 +51,12 @@ class ReplicaServer:
         self.poller.register(self.inputs, zmq.POLLIN)
         self._running = True
         self._parent = os.getppid()
+        # Line-buffered so a trace can be followed (tail -f) while the replica runs.
+        self._trace_file = open(config.trace_file, "a", buffering=1) if config.trace_file else None
+
+    def _trace(self, stats) -> None:
+        if self._trace_file is not None:
+            self._trace_file.write(json.dumps({"replica": self.replica_id, **asdict(stats)}) + "\n")
 
     def stop(self) -> None:
         self._running = False
@@ -91,17 +98,21 @@ class ReplicaServer:
             block_size=cfg.scheduler.block_size, pid=os.getpid(),
         ))
         last_sent = time.monotonic()
+        iterations = []
         while self._running:
             outputs = self._drain_inputs(0 if self.engine.has_work() else IDLE_POLL_MS)
             if self.engine.has_work():
                 try:
                     outputs.extend(self.engine.step())
+                    iterations.append(self.engine.last_step)
+                    self._trace(self.engine.last_step)
                 except Exception as e:
                     log.exception("step failed")
                     outputs.extend(self._fail_all(f"replica step failed: {e}"))
             now = time.monotonic()
-            if outputs or now - last_sent >= HEARTBEAT_S:
-                self._send(protocol.StepOutputs(self.replica_id, outputs, self.engine.stats()))
+            if outputs or iterations or now - last_sent >= HEARTBEAT_S:
+                self._send(protocol.StepOutputs(self.replica_id, outputs, self.engine.stats(), iterations))
+                iterations = []
                 last_sent = now
             if os.getppid() != self._parent:
                 log.warning("parent process exited; replica %s stops", self.replica_id)
@@ -118,6 +129,8 @@ class ReplicaServer:
         return outputs
 
     def close(self) -> None:
+        if self._trace_file is not None:
+            self._trace_file.close()
         self.inputs.close(linger=0)
         self.outputs.close()
         self.ctx.term()

@@ -173,6 +173,7 @@ def create_app(config: GatewayConfig, tokenizer: Tokenizer, pool: ReplicaPool) -
         if started_here:
             await pool.close(shutdown_replicas=False)
 
+    pool.on_iterations = metrics.observe_iterations
     app = FastAPI(title="Tandem gateway", lifespan=lifespan)
     app.state.config = config
     app.state.pool = pool

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from engine.protocol import ReplicaStats
+from scheduler.telemetry import IterationStats
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -48,9 +49,32 @@ class GatewayMetrics:
         self.num_requests_waiting = Gauge(
             "tandem:num_requests_waiting", "Requests waiting on the replica.", ["replica"],
             registry=r)
+        self.iteration_step_time = Histogram(
+            "tandem:iteration_step_time_seconds", "Duration of one replica iteration (step).",
+            ["replica"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.iteration_tokens = Histogram(
+            "tandem:iteration_tokens", "Tokens processed per iteration, by kind (decode/prefill).",
+            ["replica", "kind"], buckets=(0, 1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+            registry=r)
+        self.num_preemptions = Counter(
+            "tandem:num_preemptions", "Requests preempted (by recompute) on the replica.",
+            ["replica"], registry=r)
+        self.token_budget = Gauge(
+            "tandem:token_budget", "Token budget of the replica's latest iteration.", ["replica"],
+            registry=r)
         self.kv_cache_usage_perc = Gauge(
             "tandem:kv_cache_usage_perc", "KV cache usage of the replica (1 = 100%).", ["replica"],
             registry=r)
+
+    def observe_iterations(self, replica_id: str, iterations: list[IterationStats]) -> None:
+        """Per-iteration batch composition and step time, as the replica measured them."""
+        for it in iterations:
+            self.iteration_step_time.labels(replica=replica_id).observe(it.step_time)
+            self.iteration_tokens.labels(replica=replica_id, kind="decode").observe(it.num_decode_tokens)
+            self.iteration_tokens.labels(replica=replica_id, kind="prefill").observe(it.num_prefill_tokens)
+            if it.num_preemptions:
+                self.num_preemptions.labels(replica=replica_id).inc(it.num_preemptions)
+            self.token_budget.labels(replica=replica_id).set(it.token_budget)
 
     def update_replica(self, replica_id: str, stats: ReplicaStats) -> None:
         self.num_requests_running.labels(replica=replica_id).set(stats.num_running)

@@ -25,6 +25,7 @@ from engine.protocol import (
     StepOutputs, decode, encode,
 )
 from scheduler.request import SamplingParams
+from scheduler.telemetry import IterationStats
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -154,6 +155,8 @@ class ReplicaPool:
         self._all_ready: asyncio.Event | None = None
         self._started = False
         self._closed = False
+        self.on_iterations: Callable[[str, list[IterationStats]], None] | None = None
+        """Called with each replica's per-iteration telemetry (the app feeds its metrics)."""
 
     @classmethod
     def from_config(cls, config: "GatewayConfig", output_addr: str, replica_addrs: dict[str, str],
@@ -361,6 +364,8 @@ class ReplicaPool:
             self._check_all_ready()
         elif isinstance(msg, StepOutputs):
             replica.stats = msg.stats
+            if msg.iterations and self.on_iterations is not None:
+                self.on_iterations(msg.replica_id, msg.iterations)
             for out in msg.outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None and stream.replica_id == msg.replica_id:

@@ -1,37 +1,93 @@
 """Scheduler configuration (frozen; every field documented; errors name the bad value)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-POLICIES = ("sarathi",)
+POLICIES = ("sarathi", "vllm", "orca", "request", "chunked_only", "hybrid_only")
+# Policies whose decodes share the token budget with prefill tokens.
+BUDGETED_WITH_DECODES = ("sarathi", "hybrid_only")
+# Policies that never split a prompt: an iteration must be able to hold the longest one.
+WHOLE_PROMPT = ("vllm", "orca", "request")
+BUDGET_KINDS = ("static", "profiled", "feedback")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    kind: str = "static"
+    """`static`: the token budget never changes. `profiled`: at start-up the replica times steps
+    over a grid, fits a step-time model and uses the largest tile-aligned budget whose predicted
+    step keeps `tbt_slo_ms`. `feedback`: the budget follows measured step times every iteration."""
+    tbt_slo_ms: float = 100.0
+    """Time-between-tokens target the profiled and feedback controllers hold (P99)."""
+    tile: int = 32
+    """Budgets are multiples of this (matmul tile alignment)."""
+    min_budget: int | None = None
+    """Floor of the feedback controller (default: max_num_seqs rounded up to the tile)."""
+    max_budget: int = 2048
+    """Ceiling of the profiled and feedback controllers."""
+    profile_path: str | None = None
+    """Step-time profile to load (`tandem profile` writes one); profiled runs one if absent."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise ValueError(f"unknown budget controller {self.kind!r}; choose from {BUDGET_KINDS}")
+        if not self.tbt_slo_ms > 0:
+            raise ValueError(f"tbt_slo_ms must be > 0, got {self.tbt_slo_ms!r}")
+        if self.tile < 1:
+            raise ValueError(f"tile must be >= 1, got {self.tile!r}")
+        if self.max_budget < self.tile:
+            raise ValueError(f"max_budget ({self.max_budget}) must be >= tile ({self.tile})")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     policy: str = "sarathi"
-    """Batching policy: `sarathi` = stall-free hybrid batching (decodes, then partial prefills,
-    then new prefills, under a token budget)."""
+    """Batching policy. `sarathi`: stall-free hybrid batching (decodes, then partial prefills,
+    then new prefills, under a token budget). Baselines: `vllm` (prefill-prioritising, decodes
+    stall), `orca` (whole prompts mixed with decodes), `request` (request-level batching).
+    Ablations: `chunked_only` (chunked prefills never share an iteration with decodes),
+    `hybrid_only` (decodes and whole prompts share iterations, prompts never chunked)."""
     token_budget: int = 256
-    """Most tokens (decodes + prefill chunks) one iteration may process. Smaller keeps time
-    between tokens low; larger raises prefill throughput."""
+    """Most tokens (decodes + prefill chunks) one iteration may process (the initial value
+    under the profiled/feedback controllers). Smaller keeps time between tokens low."""
     max_num_seqs: int = 64
-    """Most requests running (holding KV blocks) at once."""
+    """Most requests running (holding KV blocks) at once: the batch size cap of every policy."""
+    max_batched_tokens: int = 8192
+    """Token cap of one iteration for the whole-prompt policies (vllm, orca, request)."""
     block_size: int = 16
     """Tokens per KV-cache block (page)."""
     max_model_len: int = 2048
     """Longest sequence (prompt + output) a request may reach."""
+    watermark: float = 0.01
+    """Share of KV blocks kept free when admitting, so running requests can still grow."""
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    """How the token budget is chosen and adapted."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown scheduler policy {self.policy!r}; choose from {POLICIES}")
-        for name in ("token_budget", "max_num_seqs", "block_size", "max_model_len"):
+        for name in ("token_budget", "max_num_seqs", "max_batched_tokens", "block_size", "max_model_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.token_budget < self.max_num_seqs:
+        if not 0.0 <= self.watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {self.watermark!r}")
+        if self.policy in BUDGETED_WITH_DECODES and self.token_budget < self.max_num_seqs:
             # Stall-free batching gives every running decode its token each step; a budget below
             # the number of running requests would have to pause some of them.
             raise ValueError(
                 f"token_budget ({self.token_budget}) must be >= max_num_seqs ({self.max_num_seqs}) "
                 "so no running decode is ever paused"
             )
+        if self.policy in WHOLE_PROMPT and self.max_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"policy {self.policy!r} never chunks prompts, so max_batched_tokens "
+                f"({self.max_batched_tokens}) must be >= max_model_len ({self.max_model_len})"
+            )
+
+    @property
+    def min_budget(self) -> int:
+        """Floor of adaptive budgets: every running decode must still fit."""
+        tile = self.budget.tile
+        floor = self.budget.min_budget or -(-self.max_num_seqs // tile) * tile
+        return max(floor, self.max_num_seqs if self.policy in BUDGETED_WITH_DECODES else 1)

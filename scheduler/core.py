@@ -16,8 +16,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from scheduler.block_manager import BlockManager
+from scheduler.budget import BudgetController, StaticBudget
 from scheduler.config import SchedulerConfig
 from scheduler.request import FinishReason, Request, RequestStatus
+from scheduler.telemetry import IterationStats
 
 
 @dataclass(frozen=True)
@@ -67,14 +69,24 @@ class AdmissionError(ValueError):
 class Scheduler:
     """Base class: a policy implements `schedule()`; everything else is shared."""
 
-    def __init__(self, config: SchedulerConfig, num_blocks: int) -> None:
+    def __init__(self, config: SchedulerConfig, num_blocks: int,
+                 budget: BudgetController | None = None) -> None:
         self.config = config
-        self.token_budget = config.token_budget
+        self.budget = budget or StaticBudget(config.token_budget)
         self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.watermark_blocks = int(config.watermark * num_blocks)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._by_id: dict[str, Request] = {}
         self.num_preemptions = 0
+
+    @property
+    def token_budget(self) -> int:
+        return self.budget.value
+
+    def observe(self, stats: IterationStats) -> None:
+        """Feed one step's telemetry to the budget controller (after `update`)."""
+        self.budget.observe(stats)
 
     # -- queue management -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -129,17 +141,65 @@ class Scheduler:
         del self._by_id[request.request_id]
 
     # -- policy helpers ---------------------------------------------------------------------
-    def admit(self, request: Request) -> bool:
-        """Move the head of `waiting` to running if all its current tokens fit in free blocks."""
+    def admit(self, request: Request, now: float, reserve_tokens: int | None = None) -> bool:
+        """Move `request` from waiting to running if blocks for `reserve_tokens` (default: its
+        current tokens) can be allocated while keeping the watermark free."""
         if len(self.running) >= self.config.max_num_seqs:
             return False
-        if not self.block_manager.can_allocate(request, request.num_tokens):
+        tokens = request.num_tokens if reserve_tokens is None else reserve_tokens
+        # With nothing running there is nobody to protect: the watermark would only block.
+        keep_free = self.watermark_blocks if self.running else 0
+        if not self.block_manager.can_allocate(request, tokens, reserve=keep_free):
             return False
-        self.block_manager.allocate(request, request.num_tokens)
+        self.block_manager.allocate(request, tokens)
         self.waiting.remove(request)
         request.status = RequestStatus.RUNNING
         self.running.append(request)
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = now
         return True
+
+    # -- building blocks the policies compose ------------------------------------------------
+    def schedule_decodes(self, out: SchedulerOutput) -> int:
+        """Give every running request that is decoding its one token (preempting if a block
+        cannot be appended). Returns the tokens scheduled."""
+        for request in [r for r in self.running if r.num_uncomputed_tokens == 1]:
+            if request in self.running and self.reserve_decode_slot(request, out):
+                out.chunks.append(ScheduledChunk(request, 1))
+        return len(out.chunks)
+
+    def schedule_partial_prefills(self, out: SchedulerOutput, used: int, limit: int) -> int:
+        """Chunks for running requests whose prompt is partly computed, within `limit` tokens."""
+        for request in [r for r in self.running if r.num_uncomputed_tokens > 1]:
+            if used >= limit:
+                break
+            n = min(request.num_uncomputed_tokens, limit - used)
+            out.chunks.append(ScheduledChunk(request, n))
+            used += n
+        return used
+
+    def admit_waiting(self, out: SchedulerOutput, now: float, used: int, limit: int,
+                      chunked: bool, oversize_first: bool = False) -> int:
+        """Admit waiting requests FCFS while they fit; a head that does not fit blocks the queue.
+
+        `chunked`: the last admitted prompt may be cut to the remaining tokens. Otherwise prompts
+        go whole and must fit in `limit - used`, except that with `oversize_first` the first
+        prompt of an iteration goes whole even past the limit (so long prompts are not starved).
+        No admissions in a step that had to preempt: memory is already short.
+        """
+        first = True
+        while self.waiting and used < limit and not out.preempted_ids:
+            request = self.waiting[0]
+            need = request.num_uncomputed_tokens
+            if not chunked and need > limit - used and not (oversize_first and first):
+                break
+            if not self.admit(request, now):
+                break
+            n = min(need, limit - used) if chunked else need
+            out.chunks.append(ScheduledChunk(request, n))
+            used += n
+            first = False
+        return used
 
     def reserve_decode_slot(self, request: Request, out: SchedulerOutput) -> bool:
         """Make room for one more token of `request`, preempting the newest arrivals if needed.

@@ -13,7 +13,7 @@ from scheduler.block_manager import BlockManager
 from scheduler.config import SchedulerConfig
 from scheduler.core import AdmissionError
 from scheduler.request import FinishReason, Request, RequestStatus, SamplingParams
-from scheduler.sarathi import make_scheduler
+from scheduler.policies import make_scheduler
 
 
 def make_request(i: int, prompt_len: int, max_tokens: int, arrival: float | None = None) -> Request:
