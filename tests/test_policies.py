@@ -1,0 +1,183 @@
+"""The policy family and budget controllers, driven with no torch (schedule -> fake -> update)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scheduler.budget import FeedbackBudget, ProfileSample, StepTimeModel, pick_budget
+from scheduler.config import BudgetConfig, SchedulerConfig
+from scheduler.policies import SCHEDULERS, make_scheduler
+from scheduler.telemetry import IterationStats
+from tests.test_scheduler import make_request, run_to_completion
+
+POLICIES = list(SCHEDULERS)
+
+
+def config(policy: str, **kw) -> SchedulerConfig:
+    base = dict(policy=policy, token_budget=32, max_num_seqs=8, block_size=4, max_model_len=256,
+                max_batched_tokens=256)
+    return SchedulerConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(max_examples=25, deadline=None)
+@given(
+    num_blocks=st.integers(70, 120),
+    workload=st.lists(st.tuples(st.integers(1, 120), st.integers(1, 20), st.integers(0, 30)),
+                      min_size=1, max_size=10),
+    seed=st.integers(0, 1000),
+)
+def test_every_policy_finishes_everything_and_returns_every_block(policy, num_blocks, workload, seed):
+    cfg = config(policy)
+    sched = make_scheduler(cfg, num_blocks)
+    requests = [make_request(i, p, m, arrival=float(a) + i * 1e-3) for i, (p, m, a) in enumerate(workload)]
+
+    def check(out, decoding_before):
+        if policy in ("sarathi", "chunked_only"):
+            assert out.num_tokens <= cfg.token_budget
+        if policy in ("vllm", "orca", "request"):
+            assert out.num_tokens <= cfg.max_batched_tokens
+        assert len(out.chunks) <= cfg.max_num_seqs
+
+    run_to_completion(sched, requests, random.Random(seed), on_step=check)
+    assert all(r.is_finished and r.num_output_tokens == r.sampling.max_tokens for r in requests)
+    assert sched.block_manager.num_free_blocks == num_blocks
+
+
+def start_decoding(sched, n: int, prompt: int = 4) -> list:
+    """n requests that have finished their prompt and are decoding."""
+    reqs = [make_request(i, prompt, 100) for i in range(n)]
+    for r in reqs:
+        sched.add_request(r)
+    while any(r.num_output_tokens == 0 for r in reqs):
+        out = sched.schedule(0.0)
+        sched.update(out, {c.request.request_id: 5 for c in out.chunks if c.samples}, 0.0)
+    return reqs
+
+
+def kinds(out):
+    """'d' for a decode chunk, 'p' for a prefill chunk, in batch order."""
+    return "".join("d" if c.num_tokens == 1 and c.request.num_output_tokens > 0 else "p" for c in out.chunks)
+
+
+def test_vllm_stalls_decodes_while_a_prefill_only_batch_runs():
+    sched = make_scheduler(config("vllm"), 200)
+    start_decoding(sched, 3)
+    sched.add_request(make_request(10, 100, 4, arrival=50.0))
+    out = sched.schedule(1.0)
+    assert kinds(out) == "p" and out.chunks[0].num_tokens == 100   # whole prompt, decodes stall
+    sched.update(out, {"r10": 1}, 1.0)
+    assert kinds(sched.schedule(2.0)) == "dddd"                   # then everyone decodes
+
+
+def test_sarathi_never_stalls_and_chunks():
+    sched = make_scheduler(config("sarathi"), 200)
+    start_decoding(sched, 3)
+    sched.add_request(make_request(10, 100, 4, arrival=50.0))
+    out = sched.schedule(1.0)
+    assert kinds(out) == "dddp" and out.num_tokens == 32          # 3 decodes + 29-token chunk
+
+
+def test_orca_mixes_whole_prompts_with_decodes():
+    sched = make_scheduler(config("orca"), 200)
+    start_decoding(sched, 3)
+    sched.add_request(make_request(10, 100, 4, arrival=50.0))
+    out = sched.schedule(1.0)
+    assert kinds(out) == "dddp" and out.chunks[-1].num_tokens == 100
+
+
+def test_hybrid_only_mixes_but_never_chunks():
+    sched = make_scheduler(config("hybrid_only"), 200)
+    start_decoding(sched, 3)
+    sched.add_request(make_request(10, 100, 4, arrival=50.0))
+    sched.add_request(make_request(11, 10, 4, arrival=51.0))
+    out = sched.schedule(1.0)
+    # the long prompt goes whole (first prompt of the iteration), the next does not fit the budget
+    assert kinds(out) == "dddp" and out.chunks[-1].num_tokens == 100
+
+
+def test_chunked_only_alternates_prefill_chunks_and_decodes():
+    sched = make_scheduler(config("chunked_only"), 200)
+    start_decoding(sched, 3)
+    sched.add_request(make_request(10, 100, 4, arrival=50.0))
+    seen = []
+    for step in range(6):
+        out = sched.schedule(float(step))
+        seen.append(kinds(out))
+        sched.update(out, {c.request.request_id: 5 for c in out.chunks if c.samples}, float(step))
+    assert seen[:5] == ["ddd", "p", "ddd", "p", "ddd"]   # the last start-up step was a prefill
+    assert all(n <= 32 for n in [c.num_tokens for c in out.chunks])
+
+
+def test_request_level_runs_a_batch_to_completion_before_admitting():
+    sched = make_scheduler(config("request"), 200)
+    first = [make_request(i, 8, 3) for i in range(2)]
+    for r in first:
+        sched.add_request(r)
+    out = sched.schedule(0.0)
+    assert kinds(out) == "pp"
+    sched.update(out, {"r0": 1, "r1": 1}, 0.0)
+    late = make_request(5, 8, 3, arrival=0.5)
+    sched.add_request(late)
+    while not all(r.is_finished for r in first):
+        out = sched.schedule(1.0)
+        assert late.request_id not in {c.request.request_id for c in out.chunks}
+        sched.update(out, {c.request.request_id: 1 for c in out.chunks if c.samples}, 1.0)
+    assert kinds(sched.schedule(2.0)) == "p"
+
+
+def test_watermark_keeps_blocks_free_for_running_requests():
+    cfg = config("sarathi", watermark=0.2)
+    sched = make_scheduler(cfg, 20)                 # watermark: 4 blocks
+    sched.add_request(make_request(0, 7, 10))       # 2 blocks (8 tokens after its first decode)
+    sched.update(sched.schedule(0.0), {"r0": 1}, 0.0)
+    sched.add_request(make_request(1, 56, 2))       # 14 blocks: would leave 4 free -> allowed
+    sched.add_request(make_request(2, 4, 2))        # 1 more would break the watermark
+    out = sched.schedule(1.0)
+    assert {c.request.request_id for c in out.chunks} == {"r0", "r1"}
+
+
+def test_config_rejects_whole_prompt_policy_that_cannot_hold_a_prompt():
+    with pytest.raises(ValueError, match="max_batched_tokens"):
+        SchedulerConfig(policy="vllm", max_batched_tokens=512, max_model_len=2048)
+
+
+def stats(step_time: float, budget: int, prefill: int, decode: int = 4) -> IterationStats:
+    return IterationStats(0, 0.0, step_time, budget, decode, prefill, decode + 1, 0, 5, 1, 0.1)
+
+
+def test_feedback_budget_backs_off_when_steps_are_slow_and_probes_up_when_fast():
+    ctl = FeedbackBudget(initial=512, tbt_slo_s=0.1, tile=32, min_budget=64, max_budget=1024)
+    for _ in range(40):
+        ctl.observe(stats(0.2, ctl.value, prefill=ctl.value - 4))
+    assert ctl.value == 64                          # cut to the floor under sustained violation
+    for _ in range(200):
+        ctl.observe(stats(0.01, ctl.value, prefill=ctl.value - 4))
+    assert ctl.value > 256 and ctl.value % 32 == 0  # grows back, tile-aligned
+    before = ctl.value
+    for _ in range(50):
+        ctl.observe(stats(0.01, ctl.value, prefill=0))   # budget not binding: no reason to grow
+    assert ctl.value == before
+
+
+def test_step_time_model_fit_and_budget_pick():
+    true = StepTimeModel([0.01, 1e-4, 5e-4, 1e-7, 1e-8])
+    samples = [ProfileSample(p, d, c, true.predict(p, d, c))
+               for p in (0, 64, 256, 512) for d in (0, 8, 32) for c in (128, 1024) if p or d]
+    fitted = StepTimeModel.fit(samples)
+    assert abs(fitted.predict(300, 16, 600) - true.predict(300, 16, 600)) < 1e-9
+    b = pick_budget(fitted, tbt_slo_s=0.05, decode_tokens=16, context=512, tile=32,
+                    min_budget=32, max_budget=2048)
+    assert b % 32 == 0
+    assert true.predict(b - 16, 16, 512) <= 0.05 < true.predict(b + 32 - 16, 16, 512)
+
+
+def test_feedback_policy_wires_through_make_scheduler():
+    cfg = config("sarathi", budget=BudgetConfig(kind="feedback", tbt_slo_ms=50, tile=16))
+    sched = make_scheduler(cfg, 64)
+    assert sched.token_budget == 32
+    sched.observe(stats(1.0, 32, prefill=28))
+    assert sched.token_budget >= cfg.min_budget
