@@ -115,7 +115,8 @@ def format_table(s: dict) -> str:
     if w.get("description"):
         lines.append(f"workload: {w['description']}")
     lines.append(f"requests: {s['num_ok']}/{s['num_requests']} ok, {s['num_errors']} errors "
-                 f"(429: {s['num_429']}, 503: {s['num_503']})" + (", RUN TIMED OUT" if s["timed_out"] else ""))
+                 f"(429: {s['num_429']}, 503: {s['num_503']})"
+                 + (", RUN TIMED OUT" if s["timed_out"] else ""))
     for k, v in (s.get("errors") or {}).items():
         lines.append(f"  error x{v}: {k}")
     lines.append(f"wall {s['wall_s']:.2f} s | {s['request_throughput']:.3f} req/s | "
@@ -125,8 +126,8 @@ def format_table(s: dict) -> str:
     lines.append(f"{'metric (ms)':<12}{'p50':>10}{'p90':>10}{'p99':>10}{'mean':>10}{'max':>10}{'n':>8}")
     for name, key in (("TTFT", "ttft_s"), ("TBT", "tbt_s"), ("E2E", "e2e_s")):
         st = s[key]
-        lines.append(f"{name:<12}" + "".join(f"{_ms(st[c]):>10}" for c in ("p50", "p90", "p99", "mean", "max"))
-                     + f"{st['count']:>8}")
+        cols = "".join(f"{_ms(st[c]):>10}" for c in ("p50", "p90", "p99", "mean", "max"))
+        lines.append(f"{name:<12}{cols}{st['count']:>8}")
     g = s.get("goodput")
     if g:
         slos = ", ".join(x for x in (f"TTFT <= {_ms(g['ttft_slo_s'])} ms" if g["ttft_slo_s"] else "",

@@ -167,6 +167,8 @@ def zipf_theta_for_mean(mean: float, cap: int) -> float:
 
 def zipf_lengths(n: int, mean: float, cap: int, rng: np.random.Generator) -> np.ndarray:
     """Bounded zipf on 1..cap (heavy tail of long requests), exponent chosen to give `mean`."""
+    if mean <= 1:
+        return np.ones(n, dtype=np.int64)
     theta = zipf_theta_for_mean(mean, cap)
     return rng.choice(np.arange(1, cap + 1), size=n, p=_zipf_probs(theta, cap))
 
@@ -245,7 +247,7 @@ class WorkloadConfig:
     sigma: float = 0.5
     """lognormal (and chat-doc): sigma of log(length)."""
     zipf_cap_factor: float = 10.0
-    """zipf without a max-*-tokens cap: support is 1..mean * this factor."""
+    """zipf: support is 1..mean * this factor (the max-*-tokens caps then clip it)."""
     doc_prompt_len: int | None = None
     """chat-doc: mean prompt of the long-document requests (default 8 x prompt_len)."""
     doc_fraction: float = 0.2
@@ -279,6 +281,8 @@ class WorkloadConfig:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if not 0 <= self.doc_fraction <= 1:
             raise ValueError(f"doc_fraction must be in [0, 1], got {self.doc_fraction}")
+        if not self.zipf_cap_factor >= 2:
+            raise ValueError(f"zipf_cap_factor must be >= 2, got {self.zipf_cap_factor}")
         if not 0 <= self.spread < 1:
             raise ValueError(f"spread must be in [0, 1), got {self.spread}")
         if self.length_dist == "trace" and not (self.trace_csv or self.trace_jsonl):
@@ -287,8 +291,8 @@ class WorkloadConfig:
             raise ValueError("arrival 'trace' needs trace_csv with an arrived_at column or trace_jsonl")
 
 
-def _lengths(cfg: WorkloadConfig, n: int, mean: int, cap: int | None,
-             rng: np.random.Generator) -> np.ndarray:
+def _lengths(cfg: WorkloadConfig, n: int, mean: int, rng: np.random.Generator) -> np.ndarray:
+    """Lengths of the parametric distributions, before scaling and capping."""
     d = cfg.length_dist
     if d == "fixed":
         return fixed_lengths(n, mean)
@@ -298,8 +302,7 @@ def _lengths(cfg: WorkloadConfig, n: int, mean: int, cap: int | None,
     if d == "lognormal":
         return lognormal_lengths(n, mean, cfg.sigma, rng)
     if d == "zipf":
-        support = cap if cap is not None else max(2, round(mean * cfg.zipf_cap_factor))
-        return zipf_lengths(n, mean, support, rng)
+        return zipf_lengths(n, mean, max(3, round(mean * cfg.zipf_cap_factor)), rng)
     raise AssertionError(d)
 
 
@@ -364,16 +367,11 @@ def build_workload(cfg: WorkloadConfig, qps: float | None = None) -> Workload:
         parts.append(f"chat (prompt ~{cfg.prompt_len}) + {cfg.doc_fraction:.0%} long documents "
                      f"(prompt ~{doc_len}), output ~{cfg.output_len}")
     else:
-        prompts = _lengths(cfg, n, cfg.prompt_len, _scaled_cap(cfg.max_prompt_tokens, cfg), len_rng)
-        outputs = _lengths(cfg, n, cfg.output_len, _scaled_cap(cfg.max_output_tokens, cfg), len_rng)
+        prompts = _lengths(cfg, n, cfg.prompt_len, len_rng)
+        outputs = _lengths(cfg, n, cfg.output_len, len_rng)
         parts.append(f"{cfg.length_dist} lengths (prompt {cfg.prompt_len}, output {cfg.output_len})")
     wl = _finish(cfg, arrivals, prompts, outputs, ", ".join(parts))
     return wl.with_qps(qps) if (qps is not None and cfg.arrival == "trace") else wl
-
-
-def _scaled_cap(cap: int | None, cfg: WorkloadConfig) -> int | None:
-    """A cap expressed before length scaling (for the zipf support)."""
-    return None if cap is None else max(2, int(cap / cfg.length_scale))
 
 
 def _finish(cfg: WorkloadConfig, arrivals, prompts, outputs, desc: str) -> Workload:

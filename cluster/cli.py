@@ -6,11 +6,20 @@ import asyncio
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 log = logging.getLogger("tandem")
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+POLICY_HELP = {
+    "sarathi": "stall-free hybrid batching (decodes, then partial prefills, then new prefills)",
+    "vllm": "prefill-prioritising baseline (whole-prompt prefill batches stall decodes)",
+    "orca": "whole prompts batched with decodes, no chunking",
+    "request": "request-level batching (a batch runs to completion)",
+    "chunked_only": "ablation: chunked prefills, never mixed with decodes",
+    "hybrid_only": "ablation: decodes mixed with whole (unchunked) prompts",
+}
 MAX_DEFAULT_MODEL_LEN = 8192
 
 
@@ -38,20 +47,41 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-kv-blocks", type=int, default=None,
                    help="Exact number of KV blocks (overrides --kv-cache-gb).")
     g.add_argument("--block-size", type=int, default=16, help="Tokens per KV block.")
-    s = p.add_argument_group("scheduling (Sarathi-Serve stall-free batching)")
+    s = p.add_argument_group("scheduling")
+    s.add_argument("--scheduler", choices=list(POLICY_HELP), default="sarathi",
+                   help="Batching policy: " + "; ".join(f"{k}: {v}" for k, v in POLICY_HELP.items()))
     s.add_argument("--token-budget", type=int, default=256,
-                   help="Most tokens per iteration (decodes + prefill chunks). Lower keeps time "
-                        "between tokens low; higher prefills faster.")
+                   help="Most tokens per iteration (decodes + prefill chunks) for sarathi, "
+                        "chunked_only and hybrid_only; the starting value of adaptive budgets. "
+                        "Lower keeps time between tokens low; higher prefills faster.")
+    s.add_argument("--budget", choices=["static", "profiled", "feedback"], default="static",
+                   help="Token budget controller. static: --token-budget. profiled: time steps over "
+                        "a grid at start-up (or load --profile-file), fit a step-time model, use the "
+                        "largest tile-aligned budget whose predicted step keeps --tbt-slo-ms. "
+                        "feedback: adjust every iteration from measured step times to hold the P99 "
+                        "under --tbt-slo-ms.")
+    s.add_argument("--tbt-slo-ms", type=float, default=100.0,
+                   help="Time-between-tokens target of the profiled and feedback budgets.")
+    s.add_argument("--profile-file", default=None,
+                   help="Step-time profile for --budget profiled (written by `tandem profile`).")
     s.add_argument("--max-num-seqs", type=int, default=None,
                    help="Most requests running at once (default: min(64, token budget), since every "
                         "running decode needs its token in each iteration).")
+    s.add_argument("--max-batched-tokens", type=int, default=None,
+                   help="Token cap per iteration of the whole-prompt policies vllm, orca and request "
+                        "(default: max(8192, --max-model-len)).")
+    s.add_argument("--watermark", type=float, default=0.01,
+                   help="Share of KV blocks kept free at admission so running requests can grow.")
+    s.add_argument("--trace-file", default=None,
+                   help="Append one JSON line of per-iteration telemetry here (decode/prefill tokens, "
+                        "sequences, budget, step time, preemptions).")
 
 
 def _engine_config(args: argparse.Namespace):
     from engine.config import EngineConfig
     from engine.model_config import ModelConfig
     from engine.weights import resolve_model
-    from scheduler.config import SchedulerConfig
+    from scheduler.config import BudgetConfig, SchedulerConfig
 
     model_dir = resolve_model(args.model)
     model_cfg = ModelConfig.from_dir(model_dir)
@@ -69,12 +99,17 @@ def _engine_config(args: argparse.Namespace):
         name = Path(args.model).name.removesuffix(".gguf")
     try:
         max_num_seqs = args.max_num_seqs or min(64, args.token_budget)
-        sched = SchedulerConfig(token_budget=args.token_budget, max_num_seqs=max_num_seqs,
-                                block_size=args.block_size, max_model_len=max_len)
+        budget = BudgetConfig(kind=args.budget, tbt_slo_ms=args.tbt_slo_ms,
+                              profile_path=args.profile_file)
+        sched = SchedulerConfig(
+            policy=args.scheduler, token_budget=args.token_budget, max_num_seqs=max_num_seqs,
+            max_batched_tokens=args.max_batched_tokens or max(8192, max_len),
+            block_size=args.block_size, max_model_len=max_len, watermark=args.watermark,
+            budget=budget)
         return EngineConfig(model_dir=str(model_dir), model_name=name, dtype=args.dtype,
                             device=args.device, attention=args.attention, threads=args.threads,
                             kv_cache_gb=args.kv_cache_gb, num_kv_blocks=args.num_kv_blocks,
-                            scheduler=sched)
+                            trace_file=args.trace_file, scheduler=sched)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -169,6 +204,30 @@ def cmd_bench_engine(args: argparse.Namespace) -> None:
                      prefill_len=args.prefill_len, repeats=args.repeats)
 
 
+def cmd_profile(args: argparse.Namespace) -> None:
+    from engine.profiler import profile, save_profile
+    from engine.runner import ModelRunner
+    from engine.model_config import ModelConfig
+    from scheduler.budget import StepTimeModel
+    from scheduler.policies import profiled_budget
+
+    cfg = _engine_config(args)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    runner = ModelRunner(cfg, ModelConfig.from_dir(cfg.model_dir))
+    samples = profile(runner, cfg.scheduler, repeats=args.repeats)
+    save_profile(samples, args.out)
+    model = StepTimeModel.fit(samples)
+    print(f"wrote {len(samples)} samples to {args.out}")
+    print("fitted step time (s) = " + " + ".join(
+        f"{c:.3g}*{f}" for c, f in zip(model.coef, ["1", "P", "D", "D*ctx", "P*ctx"])))
+    for slo in args.slo_ms:
+        sched = replace(cfg.scheduler, budget=replace(cfg.scheduler.budget, tbt_slo_ms=slo))
+        print(f"  TBT SLO {slo:g} ms -> profiled token budget {profiled_budget(sched, model)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tandem", description="Tandem: LLM serving with stall-free hybrid batching.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -185,6 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Require `Authorization: Bearer KEY` on /v1 (or set TANDEM_API_KEY).")
     _add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    prof = sub.add_parser(
+        "profile", help="Time engine steps over a grid and save the step-time profile.",
+        description="Measure step time over (prefill tokens, decode tokens, context) on this "
+                    "machine, save it for `tandem serve --budget profiled --profile-file`, and "
+                    "print the budget it implies for a few TBT SLOs.",
+    )
+    _add_engine_args(prof)
+    prof.add_argument("--out", default="tandem-profile.json", help="Where to write the profile.")
+    prof.add_argument("--repeats", type=int, default=3, help="Timed forwards per grid point.")
+    prof.add_argument("--slo-ms", type=float, nargs="+", default=[50, 100, 200, 400],
+                      help="TBT SLOs to print the chosen budget for.")
+    prof.set_defaults(func=cmd_profile)
 
     be = sub.add_parser(
         "bench-engine", help="Time decode steps and prefill in-process (no HTTP).",

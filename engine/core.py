@@ -4,6 +4,7 @@
              result = runner.execute(out)
              updated = scheduler.update(out, result.sampled, now)
              -> detokenize new tokens, end requests whose text hit a stop string, report outputs
+                (with the sampled token's logprobs, and the prompt's on the first output, if asked)
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class EngineCore:
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._queue_time_sent: set[str] = set()
+        self._prompt_logprobs: dict[str, list] = {}
+        """Prompt logprob entries gathered over a request's prefill chunks (first is None)."""
         self.iteration = 0
         self.last_step: IterationStats | None = None
         self.last_logits = None
@@ -79,6 +82,11 @@ class EngineCore:
         result = self.runner.execute(out)
         updated = self.scheduler.update(out, result.sampled, time.monotonic())
         self.last_logits = result.logits
+        for rid, (pos, entries) in (result.prompt_logprobs or {}).items():
+            buf = self._prompt_logprobs.setdefault(rid, [None])
+            del buf[pos:]  # a preempted prefill recomputes from the start
+            buf.extend(entries)
+        logprobs = result.logprobs or {}
 
         outputs = []
         for request in updated:
@@ -91,7 +99,14 @@ class EngineCore:
                 text += detok.flush()
             if stop_hit:
                 request.finish_reason = FinishReason.STOP
-            outputs.append(self._output(request, [token], text))
+            prompt_lps = None
+            if request.sampling.prompt_logprobs is not None and request.num_output_tokens == 1:
+                prompt_lps = self._prompt_logprobs.pop(request.request_id, [None])
+            output = self._output(request, [token], text)
+            entry = logprobs.get(request.request_id)
+            output.logprobs = None if entry is None else [list(entry)]
+            output.prompt_logprobs = prompt_lps
+            outputs.append(output)
         s = self.scheduler
         self.last_step = IterationStats(
             iteration=self.iteration, time=time.time(), step_time=time.perf_counter() - start,
@@ -114,6 +129,7 @@ class EngineCore:
         if request.is_finished:
             self._detok.pop(rid, None)
             self._queue_time_sent.discard(rid)
+            self._prompt_logprobs.pop(rid, None)
             self.runner.release(rid)
         return RequestOutput(
             request_id=rid, new_token_ids=new_tokens, text=text,

@@ -21,9 +21,9 @@ from scheduler.request import Request, SamplingParams
 
 log = logging.getLogger("tandem.profiler")
 
-PREFILL_GRID = (0, 64, 128, 256, 512)
-DECODE_GRID = (0, 1, 8, 32)
-CONTEXT_GRID = (128, 512, 1024)
+PREFILL_GRID = (0, 64, 256, 512)
+DECODE_GRID = (0, 8, 32)
+CONTEXT_GRID = (128, 1024)
 
 
 def _dummy(i: int, total: int, computed: int, bm: BlockManager) -> Request:

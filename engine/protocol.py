@@ -65,6 +65,10 @@ class RequestOutput:
     error: str | None = None
     queue_time: float | None = None
     """Seconds from arrival at the replica to first scheduling (sent once, with the first output)."""
+    logprobs: list[list] | None = None
+    """Per new token, if the request asked: [token id, logprob, [[alt id, logprob], ...]]."""
+    prompt_logprobs: list[list | None] | None = None
+    """With the first output, if the request asked: one entry per prompt token (first None)."""
 
 
 @dataclass

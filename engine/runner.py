@@ -2,7 +2,8 @@
 
 It owns the model, the KV-cache tensors and the sampler; the scheduler's block tables are the only
 link between the two sides. Only rows whose chunk reaches the end of its request go through the LM
-head (a partial prefill chunk needs no logits).
+head (a partial prefill chunk needs no logits) -- except the prompt rows of requests that asked for
+prompt logprobs (echo), which get logits for every prompt position, in their first prefill only.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from engine.attention import build_metadata, make_attention_backend
 from engine.config import EngineConfig
 from engine.model import LlamaForCausalLM
 from engine.model_config import ModelConfig
-from engine.sampler import Sampler
+from engine.sampler import LogprobEntry, Sampler, top_logprob_entries
 from engine.weights import load_state_dict
 from scheduler.core import SchedulerOutput
 
@@ -29,6 +30,11 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
 class RunnerOutput:
     sampled: dict[str, int]
     """Next token of every request whose chunk reached its end this step."""
+    logprobs: dict[str, LogprobEntry] | None = None
+    """Logprob entry of the sampled token, for requests that asked (`sampling.logprobs`)."""
+    prompt_logprobs: dict[str, tuple[int, list[LogprobEntry]]] | None = None
+    """(position of the first entry, entries) of the prompt tokens this step's chunk predicts,
+    for requests that asked (`sampling.prompt_logprobs`)."""
     logits: dict[str, torch.Tensor] | None = None
     """The logits behind each sampled token, kept only when the runner is asked to (tests)."""
 
@@ -64,9 +70,12 @@ class ModelRunner:
             return RunnerOutput(sampled={})
         input_ids: list[int] = []
         seqs = []
-        last_rows, sampling_chunks = [], []
+        last_rows, sampling_chunks, prompt_lp_chunks = [], [], []
         for chunk in out.chunks:
             r = chunk.request
+            if (r.sampling.prompt_logprobs is not None and not r.output_token_ids
+                    and chunk.start + 1 < r.num_prompt_tokens):
+                prompt_lp_chunks.append((chunk, len(input_ids)))
             input_ids.extend(r.token_ids(chunk.start, chunk.start + chunk.num_tokens))
             seqs.append((r.block_ids, chunk.start, chunk.num_tokens))
             if chunk.samples:
@@ -75,12 +84,32 @@ class ModelRunner:
         meta = build_metadata(seqs, self.block_size, self.device)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
         hidden = self.model(ids, meta.positions, self.kv_caches, meta, self.backend)
+        result = RunnerOutput(sampled={})
+        if prompt_lp_chunks:
+            result.prompt_logprobs = self._prompt_logprobs(hidden, prompt_lp_chunks)
         if not last_rows:
-            return RunnerOutput(sampled={})
+            return result
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
-        request_ids = [c.request.request_id for c in sampling_chunks]
-        tokens = self.sampler(logits.cpu(), request_ids, [c.request.sampling for c in sampling_chunks])
-        result = RunnerOutput(sampled=dict(zip(request_ids, tokens)))
+        requests = [c.request for c in sampling_chunks]
+        sampled = self.sampler(logits.cpu(), requests)
+        request_ids = [r.request_id for r in requests]
+        result.sampled = dict(zip(request_ids, sampled.tokens))
+        lps = {rid: e for rid, e in zip(request_ids, sampled.logprobs) if e is not None}
+        result.logprobs = lps or None
         if self.keep_logits:
             result.logits = {rid: logits[i].cpu() for i, rid in enumerate(request_ids)}
         return result
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, chunks) -> dict[str, tuple[int, list]]:
+        """Row p of a prompt chunk predicts prompt token p + 1: its raw logprob and top-k."""
+        found = {}
+        for chunk, offset in chunks:
+            r = chunk.request
+            start = chunk.start
+            count = min(start + chunk.num_tokens, r.num_prompt_tokens - 1) - start
+            rows = hidden[offset:offset + count]
+            logprobs = self.model.compute_logits(rows).float().cpu().log_softmax(dim=-1)
+            targets = torch.tensor(r.prompt_token_ids[start + 1:start + 1 + count])
+            entries = top_logprob_entries(logprobs, targets, [r.sampling.prompt_logprobs] * count)
+            found[r.request_id] = (start + 1, entries)
+        return found

@@ -109,7 +109,9 @@ class StepTimeModel:
             raise ValueError(f"need at least 5 profile samples to fit, got {len(samples)}")
         x = np.array([cls._features(s.prefill_tokens, s.decode_tokens, s.context) for s in samples])
         y = np.array([s.step_time for s in samples])
-        coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+        # Minimise relative error: steps span 100x, and small ones matter as much as big ones.
+        w = 1.0 / np.maximum(y, 1e-6)
+        coef, *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
         return cls(coef.tolist())
 
     def predict(self, prefill_tokens: float, decode_tokens: float, context: float) -> float:

@@ -21,12 +21,20 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
 }
 
 
+PROFILE_DECODES = 8
+PROFILE_CONTEXT = 512
+
+
 def profiled_budget(config: SchedulerConfig, model: StepTimeModel) -> int:
-    """The budget `profiled` picks: a step with `max_num_seqs` decodes at half the context plus
-    prefill filling the rest must stay under the TBT SLO."""
+    """The budget `profiled` picks: a step with a moderate decode load (min(max_num_seqs, 8)
+    decodes with min(512, max_model_len/2) tokens cached) plus prefill filling the rest of the
+    budget must stay under the TBT SLO. Decodes are always scheduled, so the budget only governs
+    how much prefill rides along with them; heavier decode loads than this reference are what
+    the feedback controller is for."""
     b = config.budget
-    return pick_budget(model, b.tbt_slo_ms / 1e3, decode_tokens=config.max_num_seqs,
-                       context=config.max_model_len // 2, tile=b.tile,
+    return pick_budget(model, b.tbt_slo_ms / 1e3,
+                       decode_tokens=min(config.max_num_seqs, PROFILE_DECODES),
+                       context=min(PROFILE_CONTEXT, config.max_model_len // 2), tile=b.tile,
                        min_budget=config.min_budget, max_budget=b.max_budget)
 
 

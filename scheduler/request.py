@@ -11,6 +11,9 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+MAX_LOGPROBS = 20
+"""Most top alternatives a request may ask for per token (OpenAI chat allows 20)."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -32,6 +35,20 @@ class SamplingParams:
     """Extra token ids that end generation (besides the model's EOS ids)."""
     ignore_eos: bool = False
     """Keep generating past EOS (benchmarks use it to get exact output lengths)."""
+    presence_penalty: float = 0.0
+    """OpenAI semantics: subtract this from the logit of every token already generated (-2..2)."""
+    frequency_penalty: float = 0.0
+    """OpenAI semantics: subtract this times the token's count in the output so far (-2..2)."""
+    repetition_penalty: float = 1.0
+    """HF/vLLM semantics: tokens seen in prompt or output get logit/p if positive, logit*p if
+    not; > 1 discourages repeats, 1 disables."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely token's; 0 disables."""
+    logprobs: int | None = None
+    """Return the chosen token's logprob plus this many top alternatives per generated token
+    (0..MAX_LOGPROBS); None returns none."""
+    prompt_logprobs: int | None = None
+    """Same for the prompt tokens (the first has none); computed during prefill (echo)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -42,6 +59,18 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], "
+                                 f"got {value!r}")
         if any(not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty, got {list(self.stop)!r}")
         # Lists arrive from msgpack/JSON; keep the object hashable and immutable.
@@ -51,6 +80,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
 
     def to_wire(self) -> dict[str, Any]:
         d = asdict(self)
