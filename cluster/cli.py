@@ -270,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--prefill-len", type=int, default=512, help="Prompt length for the prefill test.")
     be.add_argument("--repeats", type=int, default=10, help="Timed steps per measurement.")
     be.set_defaults(func=cmd_bench_engine)
+    from bench.cli import add_bench_commands
+    from bench.stall import add_parser as add_stall_parser
+
+    add_bench_commands(sub)
+    add_stall_parser(sub)
     return p
 
 

@@ -1,0 +1,53 @@
+"""Start and stop a local `tandem serve` for benchmarks (loopback only)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def local_server(serve_args: list[str], ready_timeout: float = 180.0,
+                 quiet: bool = True) -> Iterator[str]:
+    """Run `tandem serve SERVE_ARGS --port <free>`; yields the base URL once /health is 200."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), *serve_args]
+    out = subprocess.DEVNULL if quiet else None
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=out, stderr=out,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"`tandem serve {' '.join(serve_args)}` exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not healthy within {ready_timeout:.0f}s")
+            time.sleep(0.3)
+        yield base
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
