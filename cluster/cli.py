@@ -271,10 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=int, default=10, help="Timed steps per measurement.")
     be.set_defaults(func=cmd_bench_engine)
     from bench.cli import add_bench_commands
+    from bench.feedback import add_parser as add_feedback_parser
     from bench.stall import add_parser as add_stall_parser
 
     add_bench_commands(sub)
     add_stall_parser(sub)
+    add_feedback_parser(sub, _add_engine_args)
     return p
 
 

@@ -77,6 +77,8 @@ class Scheduler:
         self.watermark_blocks = int(config.watermark * num_blocks)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.remote_prefill: dict[str, Request] = {}
+        """Decode side of disaggregation: requests holding blocks while their KV is pushed here."""
         self._by_id: dict[str, Request] = {}
         self.num_preemptions = 0
 
@@ -90,6 +92,11 @@ class Scheduler:
 
     # -- queue management -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
+        self._validate(request)
+        self._by_id[request.request_id] = request
+        self.waiting.append(request)
+
+    def _validate(self, request: Request) -> None:
         if request.request_id in self._by_id:
             raise AdmissionError(f"duplicate request id {request.request_id!r}")
         if not request.prompt_token_ids:
@@ -109,8 +116,44 @@ class Scheduler:
                 f"{self.block_manager.num_blocks}"
             )
         request.max_model_len = limit
+
+    # -- disaggregated prefill (decode side) ------------------------------------------------
+    def add_remote_prefill(self, request: Request) -> bool:
+        """Reserve blocks for the whole prompt now; its KV will be pushed by a prefill replica.
+
+        Returns False (nothing changed) when the blocks or a batch slot are not free right now:
+        the caller then prefills locally with `add_request`.
+        """
+        self._validate(request)
+        if len(self.running) + len(self.remote_prefill) >= self.config.max_num_seqs:
+            return False
+        keep_free = self.watermark_blocks if self.running else 0
+        if not self.block_manager.can_allocate(request, request.num_tokens, reserve=keep_free):
+            return False
+        self.block_manager.allocate(request, request.num_tokens)
         self._by_id[request.request_id] = request
-        self.waiting.append(request)
+        self.remote_prefill[request.request_id] = request
+        return True
+
+    def remote_prefill_done(self, request_id: str, now: float) -> None:
+        """The prompt's KV has landed: the request joins the running batch.
+
+        All prompt tokens but the last count as computed; computing the last one here samples
+        the first output token through the ordinary `update`, so sampling (seeds included) is
+        exactly what a colocated replica would do.
+        """
+        request = self.remote_prefill.pop(request_id)
+        request.num_computed_tokens = request.num_prompt_tokens - 1
+        request.status = RequestStatus.RUNNING
+        request.first_scheduled_time = now
+        self.running.append(request)
+
+    def remote_prefill_failed(self, request_id: str) -> None:
+        """The transfer failed or timed out: drop the partial KV and prefill locally, first in line."""
+        request = self.remote_prefill.pop(request_id)
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        self.waiting.appendleft(request)
 
     def get(self, request_id: str) -> Request | None:
         return self._by_id.get(request_id)
@@ -120,7 +163,8 @@ class Scheduler:
         return len(self._by_id)
 
     def has_work(self) -> bool:
-        return bool(self._by_id)
+        """Whether a step would compute anything (requests awaiting remote KV do not count)."""
+        return bool(self.running or self.waiting)
 
     def finish(self, request_id: str, reason: FinishReason) -> Request | None:
         """End a request now (abort, stop string); frees its blocks. Unknown ids are ignored."""
@@ -129,7 +173,7 @@ class Scheduler:
             return None
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
-        else:
+        elif self.remote_prefill.pop(request_id, None) is None:
             self.waiting.remove(request)
         self._release(request, reason)
         return request
@@ -144,7 +188,7 @@ class Scheduler:
     def admit(self, request: Request, now: float, reserve_tokens: int | None = None) -> bool:
         """Move `request` from waiting to running if blocks for `reserve_tokens` (default: its
         current tokens) can be allocated while keeping the watermark free."""
-        if len(self.running) >= self.config.max_num_seqs:
+        if len(self.running) + len(self.remote_prefill) >= self.config.max_num_seqs:
             return False
         tokens = request.num_tokens if reserve_tokens is None else reserve_tokens
         # With nothing running there is nobody to protect: the watermark would only block.
@@ -254,7 +298,7 @@ class Scheduler:
         return updated
 
     def check_integrity(self) -> None:
-        live: Iterable[Request] = [*self.running, *self.waiting]
+        live: Iterable[Request] = [*self.running, *self.waiting, *self.remote_prefill.values()]
         self.block_manager.check_integrity(live)
         for r in self.waiting:
             assert not r.block_ids, f"waiting request {r.request_id} holds blocks"

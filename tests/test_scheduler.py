@@ -193,3 +193,40 @@ def test_importing_scheduler_does_not_load_torch():
     code = ("import sys, scheduler.sarathi, scheduler.core, scheduler.block_manager, engine.protocol; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_remote_prefill_reserves_blocks_then_joins_as_a_decode():
+    cfg = SchedulerConfig(token_budget=16, max_num_seqs=4, block_size=4, max_model_len=256)
+    sched = make_scheduler(cfg, 32)
+    r = make_request(0, 10, 3)
+    assert sched.add_remote_prefill(r)
+    assert len(r.block_ids) == 3 and not sched.has_work()      # waits for KV, computes nothing
+    assert sched.schedule(0.0).is_empty
+    sched.remote_prefill_done("r0", 1.0)
+    out = sched.schedule(1.0)
+    assert [(c.request.request_id, c.num_tokens, c.samples) for c in out.chunks] == [("r0", 1, True)]
+    sched.update(out, {"r0": 9}, 1.0)
+    assert r.output_token_ids == [9]
+    run_to_completion(sched, [], random.Random(0))
+    assert sched.block_manager.num_free_blocks == 32
+
+
+def test_remote_prefill_failure_falls_back_to_local_prefill_and_abort_frees():
+    cfg = SchedulerConfig(token_budget=16, max_num_seqs=4, block_size=4, max_model_len=256)
+    sched = make_scheduler(cfg, 32)
+    a, b = make_request(0, 10, 3), make_request(1, 10, 3)
+    assert sched.add_remote_prefill(a) and sched.add_remote_prefill(b)
+    sched.remote_prefill_failed("r0")
+    assert a.block_ids == [] and a.num_computed_tokens == 0 and sched.waiting[0] is a
+    assert sched.finish("r1", FinishReason.ABORT) is b
+    sched.check_integrity()
+    run_to_completion(sched, [], random.Random(0))
+    assert a.is_finished and sched.block_manager.num_free_blocks == 32
+
+
+def test_remote_prefill_refused_when_blocks_are_short():
+    cfg = SchedulerConfig(token_budget=16, max_num_seqs=4, block_size=4, max_model_len=256, watermark=0.0)
+    sched = make_scheduler(cfg, 6)
+    assert sched.add_remote_prefill(make_request(0, 16, 4))        # 4 blocks
+    assert not sched.add_remote_prefill(make_request(1, 12, 4))    # needs 3, 2 free
+    assert sched.get("r1") is None
