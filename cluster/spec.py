@@ -1,0 +1,111 @@
+"""Deployment spec: which replicas to start, in which roles, with which engine settings.
+
+The same spec comes from `tandem serve` flags or from a YAML file (`tandem serve --spec FILE`):
+
+    model: null                 # HF dir or .gguf; null = the embedded SmolLM2
+    routing: pd                 # round_robin | least_loaded | pd
+    offload_threshold: 512      # pd: prompts longer than this go to a prefill replica
+    kv_transport: zmq           # zmq | torch
+    kv_codec: lz4               # raw | lz4 | int8 | fp8
+    replicas:
+      - {role: prefill, count: 1, token_budget: 512}
+      - {role: decode, count: 1, token_budget: 128}
+      - {role: hybrid, count: 0}
+
+Turning a spec into processes is the launcher's job; this module is pure and unit-tested.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+ROLES = ("hybrid", "prefill", "decode")
+ROUTING = ("round_robin", "least_loaded", "pd")
+KV_TRANSPORTS = ("zmq", "torch")
+KV_CODECS = ("raw", "lz4", "int8", "fp8")
+
+
+@dataclass(frozen=True)
+class ReplicaGroup:
+    role: str = "hybrid"
+    """`hybrid` prefills and decodes; `prefill` only computes prompts and pushes their KV;
+    `decode` receives KV (and can still prefill short prompts itself)."""
+    count: int = 1
+    """How many replicas of this group."""
+    threads: int | None = None
+    """torch threads per replica (default: the machine's cores split evenly between replicas)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Engine/scheduler settings that differ from the command line, e.g. token_budget, scheduler."""
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"replica role must be one of {ROLES}, got {self.role!r}")
+        if not isinstance(self.count, int) or self.count < 0:
+            raise ValueError(f"replica count must be an integer >= 0, got {self.count!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads!r}")
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    groups: tuple[ReplicaGroup, ...]
+    """Replica groups; at least one replica must be able to decode (hybrid or decode)."""
+    routing: str = "round_robin"
+    """Gateway routing: round_robin, least_loaded (fewest outstanding tokens), or pd
+    (conditional disaggregation: long prompts to a prefill replica when its queue is short)."""
+    offload_threshold: int = 512
+    """pd routing: offload prompts longer than this many tokens."""
+    kv_transport: str = "zmq"
+    kv_codec: str = "lz4"
+    """KV codec for prefill -> decode pushes; lossless by default."""
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTING:
+            raise ValueError(f"routing must be one of {ROUTING}, got {self.routing!r}")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {self.kv_transport!r}")
+        if self.kv_codec not in KV_CODECS:
+            raise ValueError(f"kv_codec must be one of {KV_CODECS}, got {self.kv_codec!r}")
+        if self.offload_threshold < 1:
+            raise ValueError(f"offload_threshold must be >= 1, got {self.offload_threshold!r}")
+        counts = {role: sum(g.count for g in self.groups if g.role == role) for role in ROLES}
+        if counts["hybrid"] + counts["decode"] == 0:
+            raise ValueError("the deployment needs at least one hybrid or decode replica")
+        if counts["prefill"] and not counts["decode"]:
+            raise ValueError("prefill replicas need at least one decode replica to push KV to")
+        if self.routing == "pd" and not counts["prefill"]:
+            raise ValueError("routing 'pd' needs at least one prefill replica")
+
+    @property
+    def num_replicas(self) -> int:
+        return sum(g.count for g in self.groups)
+
+    def replicas(self, cores: int | None = None) -> list[tuple[str, ReplicaGroup, int]]:
+        """(replica id, group, threads) for every replica; threads split the cores evenly."""
+        cores = cores or os.cpu_count() or 1
+        share = max(1, cores // max(1, self.num_replicas))
+        out = []
+        for g in self.groups:
+            for i in range(g.count):
+                out.append((f"{g.role}-{i}", g, g.threads or share))
+        return out
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "DeploymentSpec":
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError("a deployment spec must be a YAML mapping")
+        unknown = set(data) - {"model", "routing", "offload_threshold", "kv_transport", "kv_codec", "replicas"}
+        if unknown:
+            raise ValueError(f"unknown deployment spec keys: {sorted(unknown)}")
+        groups = []
+        for g in data.get("replicas") or []:
+            g = dict(g)
+            groups.append(ReplicaGroup(role=g.pop("role", "hybrid"), count=g.pop("count", 1),
+                                       threads=g.pop("threads", None), overrides=g))
+        rest = {k: v for k, v in data.items() if k != "replicas"}
+        return cls(groups=tuple(groups), **rest)
