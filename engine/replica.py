@@ -37,6 +37,11 @@ IDLE_POLL_MS = 50
 
 
 class ReplicaServer:
+    """The hybrid replica; prefill and decode nodes subclass it and fill in the hooks
+    (`handle_add`, `before_step`, `after_step`, `busy`)."""
+
+    role = "hybrid"
+
     def __init__(self, replica_id: str, config: EngineConfig, input_addr: str, output_addr: str) -> None:
         self.replica_id = replica_id
         self.engine = EngineCore(config)
@@ -64,10 +69,34 @@ class ReplicaServer:
     def _send(self, msg) -> None:
         self.outputs.send(protocol.encode(msg), copy=False)
 
+    # -- hooks for the node servers ---------------------------------------------------------
+    def handle_add(self, msg: protocol.AddRequest) -> list[protocol.RequestOutput]:
+        err = self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.sampling)
+        return [err] if err else []
+
+    def before_step(self) -> list[protocol.RequestOutput]:
+        """Runs every loop turn, before a step (if any)."""
+        return []
+
+    def after_step(self) -> None:
+        """Runs right after every step, before the next `schedule` can reuse freed blocks."""
+
+    def busy(self) -> bool:
+        """Whether the loop must not sleep (work to step, or transfers to poll)."""
+        return self.engine.has_work()
+
+    def ready_frame(self) -> protocol.ReplicaReady:
+        cfg = self.engine.config
+        return protocol.ReplicaReady(
+            replica_id=self.replica_id, model=cfg.model_name,
+            max_model_len=cfg.scheduler.max_model_len, num_blocks=self.engine.runner.num_blocks,
+            block_size=cfg.scheduler.block_size, pid=os.getpid(),
+        )
+
+    # -- the loop ----------------------------------------------------------------------------
     def _handle(self, msg) -> list[protocol.RequestOutput]:
         if isinstance(msg, protocol.AddRequest):
-            err = self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.sampling)
-            return [err] if err else []
+            return self.handle_add(msg)
         if isinstance(msg, protocol.AbortRequests):
             return self.engine.abort(msg.request_ids)
         if isinstance(msg, protocol.Shutdown):
@@ -91,19 +120,16 @@ class ReplicaServer:
                 log.exception("bad input frame: %s", e)
 
     def serve(self) -> None:
-        cfg = self.engine.config
-        self._send(protocol.ReplicaReady(
-            replica_id=self.replica_id, model=cfg.model_name,
-            max_model_len=cfg.scheduler.max_model_len, num_blocks=self.engine.runner.num_blocks,
-            block_size=cfg.scheduler.block_size, pid=os.getpid(),
-        ))
+        self._send(self.ready_frame())
         last_sent = time.monotonic()
         iterations = []
         while self._running:
-            outputs = self._drain_inputs(0 if self.engine.has_work() else IDLE_POLL_MS)
+            outputs = self._drain_inputs(0 if self.busy() else IDLE_POLL_MS)
+            outputs.extend(self.before_step())
             if self.engine.has_work():
                 try:
                     outputs.extend(self.engine.step())
+                    self.after_step()
                     iterations.append(self.engine.last_step)
                     self._trace(self.engine.last_step)
                 except Exception as e:
@@ -122,7 +148,7 @@ class ReplicaServer:
     def _fail_all(self, message: str) -> list[protocol.RequestOutput]:
         """After an engine error, end every request with that error rather than hang them."""
         s = self.engine.scheduler
-        ids = [r.request_id for r in [*s.running, *s.waiting]]
+        ids = [r.request_id for r in [*s.running, *s.waiting, *s.remote_prefill.values()]]
         outputs = self.engine.abort(ids)
         for o in outputs:
             o.finish_reason, o.error = "error", message
