@@ -164,6 +164,7 @@ async def _serve_gateway(args, engine_cfg, launcher) -> None:
         host=args.host, port=args.port, model_name=engine_cfg.model_name,
         max_model_len=engine_cfg.scheduler.max_model_len,
         api_key=args.api_key or os.environ.get("TANDEM_API_KEY") or None,
+        max_waiting_per_replica=args.max_waiting_per_replica,
     )
     pool = ReplicaPool(launcher.output_addr, {rid: s.input_addr for rid, s in launcher.specs.items()},
                        request_timeout_s=gw_cfg.request_timeout_s,
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="HTTP port.")
     serve.add_argument("--api-key", default=None,
                        help="Require `Authorization: Bearer KEY` on /v1 (or set TANDEM_API_KEY).")
+    serve.add_argument("--max-waiting-per-replica", type=int, default=256,
+                       help="Requests accepted but not yet running, per healthy replica; beyond it "
+                            "the gateway answers 429 with Retry-After.")
     _add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 

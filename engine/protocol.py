@@ -83,6 +83,8 @@ class ReplicaStats:
     num_preemptions: int = 0
     """Total since start."""
     token_budget: int = 0
+    max_num_seqs: int = 0
+    """Most requests the replica runs at once (0: unknown); the gateway's admission uses it."""
 
 
 @dataclass

@@ -19,6 +19,9 @@ from engine.sampler import LogprobEntry, Sampler, top_logprob_entries
 from engine.weights import load_state_dict
 from scheduler.core import SchedulerOutput
 
+_PROMPT_LOGPROB_ROWS = 64
+"""Prompt rows per LM-head call when computing prompt logprobs."""
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -107,9 +110,12 @@ class ModelRunner:
             r = chunk.request
             start = chunk.start
             count = min(start + chunk.num_tokens, r.num_prompt_tokens - 1) - start
-            rows = hidden[offset:offset + count]
-            logprobs = self.model.compute_logits(rows).float().cpu().log_softmax(dim=-1)
-            targets = torch.tensor(r.prompt_token_ids[start + 1:start + 1 + count])
-            entries = top_logprob_entries(logprobs, targets, [r.sampling.prompt_logprobs] * count)
+            entries: list[LogprobEntry] = []
+            for lo in range(0, count, _PROMPT_LOGPROB_ROWS):  # bounds the [rows, vocab] buffers
+                n = min(_PROMPT_LOGPROB_ROWS, count - lo)
+                rows = hidden[offset + lo:offset + lo + n]
+                logprobs = self.model.compute_logits(rows).float().cpu().log_softmax(dim=-1)
+                targets = torch.tensor(r.prompt_token_ids[start + 1 + lo:start + 1 + lo + n])
+                entries += top_logprob_entries(logprobs, targets, [r.sampling.prompt_logprobs] * n)
             found[r.request_id] = (start + 1, entries)
         return found

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from scheduler.request import Request, SamplingParams
 
@@ -60,11 +59,15 @@ class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self._shared = torch.Generator().manual_seed(seed)
         self._per_request: dict[str, torch.Generator] = {}
-        self._prompt_ids: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, list] = {}
+        """request id -> [output tokens counted so far, counts tensor [V]] (penalised requests)."""
+        self._prompt_seen: dict[str, torch.Tensor] = {}
+        """request id -> bool [V]: tokens of the prompt (requests with a repetition penalty)."""
 
     def release(self, request_id: str) -> None:
         self._per_request.pop(request_id, None)
-        self._prompt_ids.pop(request_id, None)
+        self._counts.pop(request_id, None)
+        self._prompt_seen.pop(request_id, None)
 
     def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator:
         if params.seed is None:
@@ -74,12 +77,25 @@ class Sampler:
             g = self._per_request[request_id] = torch.Generator().manual_seed(params.seed)
         return g
 
-    def _prompt_tensor(self, request: Request) -> torch.Tensor:
-        t = self._prompt_ids.get(request.request_id)
-        if t is None:
-            t = self._prompt_ids[request.request_id] = torch.tensor(request.prompt_token_ids,
-                                                                    dtype=torch.int64)
-        return t
+    def _output_counts(self, request: Request, vocab: int) -> torch.Tensor:
+        """Occurrences of each token in the request's output, kept up to date incrementally
+        (outputs only grow, even across preemption)."""
+        entry = self._counts.get(request.request_id)
+        if entry is None:
+            entry = self._counts[request.request_id] = [0, torch.zeros(vocab)]
+        done, counts = entry
+        new = request.output_token_ids[done:]
+        if new:
+            counts.index_add_(0, torch.tensor(new, dtype=torch.int64), torch.ones(len(new)))
+            entry[0] = done + len(new)
+        return counts
+
+    def _prompt_mask(self, request: Request, vocab: int) -> torch.Tensor:
+        mask = self._prompt_seen.get(request.request_id)
+        if mask is None:
+            mask = self._prompt_seen[request.request_id] = torch.zeros(vocab, dtype=torch.bool)
+            mask[torch.tensor(request.prompt_token_ids, dtype=torch.int64)] = True
+        return mask
 
     # ---- penalties ------------------------------------------------------------------------
     def apply_penalties(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
@@ -92,19 +108,10 @@ class Sampler:
         reqs = [requests[i] for i in rows]
         idx = torch.tensor(rows)
         sub = logits[idx]
-        # Output token counts: scatter into a padded [R, V + 1] (column V catches the padding).
-        out_ids = pad_sequence([torch.tensor(r.output_token_ids, dtype=torch.int64) for r in reqs],
-                               batch_first=True, padding_value=vocab)
-        counts = torch.zeros(len(reqs), vocab + 1, dtype=sub.dtype)
-        counts.scatter_add_(1, out_ids, torch.ones(out_ids.shape, dtype=sub.dtype))
-        counts = counts[:, :vocab]
+        counts = torch.stack([self._output_counts(r, vocab) for r in reqs]).to(sub.dtype)
         rep = torch.tensor([r.sampling.repetition_penalty for r in reqs], dtype=sub.dtype)
         if bool((rep != 1.0).any()):
-            prompt_ids = pad_sequence([self._prompt_tensor(r) for r in reqs], batch_first=True,
-                                      padding_value=vocab)
-            seen = torch.zeros(len(reqs), vocab + 1, dtype=torch.bool)
-            seen.scatter_(1, prompt_ids, True)
-            seen = seen[:, :vocab] | (counts > 0)
+            seen = torch.stack([self._prompt_mask(r, vocab) for r in reqs]) | (counts > 0)
             rep = rep[:, None]
             penalised = torch.where(sub > 0, sub / rep, sub * rep)
             sub = torch.where(seen, penalised, sub)

@@ -7,6 +7,8 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from gateway.openai_schema import ParamError
+
 RETRY_AFTER_OVERLOADED_S = 1
 RETRY_AFTER_UNAVAILABLE_S = 5
 
@@ -66,7 +68,11 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
     if not errors:
         return APIError(400, "invalid request").response()
-    err = errors[0]
+    # A union (e.g. prompt: str | list[int] | ...) reports one error per member; the deepest
+    # one is usually the member the client meant (["a", 5] -> prompt.1 should be a string).
+    err = max(errors, key=lambda e: len(e.get("loc", ())))
+    if any(e.get("type") == "json_invalid" for e in errors):
+        err = next(e for e in errors if e.get("type") == "json_invalid")
     if err.get("type") == "json_invalid":
         detail = (err.get("ctx") or {}).get("error", "")
         return APIError(400, f"request body is not valid JSON: {detail}".rstrip(": "),
@@ -74,6 +80,10 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     loc = tuple(err.get("loc", ()))
     param = _param_path(loc)
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, ParamError):  # a cross-field check names its own field
+        param = ".".join(p for p in (param, cause.param) if p)
+        return APIError(400, f"{param}: {cause}", param=param).response()
     if err.get("type") == "missing":
         text = f"{param}: field required"
     elif param is None:

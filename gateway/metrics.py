@@ -62,6 +62,9 @@ class GatewayMetrics:
         self.token_budget = Gauge(
             "tandem:token_budget", "Token budget of the replica's latest iteration.", ["replica"],
             registry=r)
+        self.requests_rejected = Counter(
+            "tandem:requests_rejected", "Requests refused before reaching a replica: "
+            "overloaded (429) or unavailable (503).", ["reason"], registry=r)
         self.kv_cache_usage_perc = Gauge(
             "tandem:kv_cache_usage_perc", "KV cache usage of the replica (1 = 100%).", ["replica"],
             registry=r)

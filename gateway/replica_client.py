@@ -14,16 +14,16 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import zmq
 import zmq.asyncio
 
 from engine.protocol import (
-    AbortRequests, AddRequest, Message, ReplicaReady, ReplicaStats, RequestOutput, Shutdown,
-    StepOutputs, decode, encode,
+    AbortRequests, AddRequest, Message, ReplicaReady, RequestOutput, Shutdown, StepOutputs, decode,
+    encode,
 )
+from gateway.replica_state import ReplicaState, RoundRobinRouter, Router
 from scheduler.request import SamplingParams
 from scheduler.telemetry import IterationStats
 
@@ -37,41 +37,8 @@ class NoHealthyReplica(RuntimeError):
     """No replica is ready and heartbeating, so the request cannot be placed."""
 
 
-@dataclass
-class ReplicaState:
-    """What the gateway knows about one replica."""
-
-    replica_id: str
-    address: str
-    ready: ReplicaReady | None = None
-    last_seen: float | None = None
-    """`time.monotonic()` of the last frame from this replica."""
-    stats: ReplicaStats = field(default_factory=ReplicaStats)
-    outstanding: int = 0
-    """Requests sent to this replica and not yet finished."""
-    timed_out: bool = False
-    """Set when the heartbeat timeout fired; cleared by the next frame."""
-
-    def is_healthy(self, now: float, heartbeat_timeout_s: float) -> bool:
-        return (self.ready is not None and not self.timed_out and self.last_seen is not None
-                and now - self.last_seen <= heartbeat_timeout_s)
-
-
-Router = Callable[[Sequence[ReplicaState]], ReplicaState]
-"""Routing policy: picks one of the healthy replicas (never called with an empty list)."""
-
-
-class RoundRobinRouter:
-    """Cycle through the healthy replicas in id order."""
-
-    def __init__(self) -> None:
-        self._counter = 0
-
-    def __call__(self, candidates: Sequence[ReplicaState]) -> ReplicaState:
-        ordered = sorted(candidates, key=lambda r: r.replica_id)
-        choice = ordered[self._counter % len(ordered)]
-        self._counter += 1
-        return choice
+class Overloaded(RuntimeError):
+    """Every healthy replica already holds its bound of waiting requests."""
 
 
 class RequestStream:
@@ -247,33 +214,50 @@ class ReplicaPool:
     # ---- requests --------------------------------------------------------------------------
 
     async def submit(self, request_id: str, prompt_token_ids: Sequence[int],
-                     sampling: SamplingParams) -> RequestStream:
-        """Place a request on a replica and send it. Registration happens before the first await,
-        so a caller's admission check followed by `await submit()` cannot be overtaken."""
+                     sampling: SamplingParams, max_waiting: int | None = None) -> RequestStream:
+        """Place one request on a replica and send it (see `submit_many`)."""
+        return (await self.submit_many([(request_id, prompt_token_ids, sampling)], max_waiting))[0]
+
+    async def submit_many(self, items: Sequence[tuple[str, Sequence[int], SamplingParams]],
+                          max_waiting: int | None = None) -> list[RequestStream]:
+        """Place and send several requests, all or none. Each goes to a healthy replica with
+        fewer than `max_waiting` waiting requests (None: no bound); raises `Overloaded` if some
+        cannot be placed, `NoHealthyReplica` if none is healthy or a send fails. Placement and
+        registration happen before the first await, so concurrent callers cannot overshoot."""
         if self._closed:
             raise RuntimeError("ReplicaPool is closed")
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in flight")
+        ids = [rid for rid, _, _ in items]
+        for rid in ids:
+            if rid in self._streams or ids.count(rid) > 1:
+                raise ValueError(f"request id {rid!r} is already in flight")
         now = time.monotonic()
-        candidates = [r for r in self._replicas.values()
-                      if r.is_healthy(now, self.heartbeat_timeout_s)]
-        if not candidates:
+        healthy = [r for r in self._replicas.values() if r.is_healthy(now, self.heartbeat_timeout_s)]
+        if not healthy:
             raise NoHealthyReplica(f"no healthy replica among {sorted(self._replicas)}")
-        replica = self.router(candidates)
-        stream = RequestStream(self, request_id, replica.replica_id, len(prompt_token_ids),
-                               now + self.request_timeout_s)
-        self._streams[request_id] = stream
-        replica.outstanding += 1
-        msg = AddRequest(request_id, list(prompt_token_ids), sampling, time.time())
+        placed: list[tuple[RequestStream, AddRequest]] = []
+        for rid, prompt, sampling in items:
+            candidates = [r for r in healthy if max_waiting is None or r.num_waiting < max_waiting]
+            if not candidates:
+                for stream, _ in placed:  # nothing was sent yet
+                    self._finish(stream)
+                raise Overloaded(f"every healthy replica ({len(healthy)}) already has "
+                                 f"{max_waiting} requests waiting")
+            replica = self.router(candidates)
+            stream = RequestStream(self, rid, replica.replica_id, len(prompt),
+                                   now + self.request_timeout_s)
+            self._streams[rid] = stream
+            replica.outstanding += 1
+            placed.append((stream, AddRequest(rid, list(prompt), sampling, time.time())))
         try:
-            await self._send(replica.replica_id, msg)
+            for stream, msg in placed:
+                await self._send(stream.replica_id, msg)
         except BaseException as exc:
-            self._abort(stream)
+            for stream, _ in placed:
+                self._abort(stream)
             if isinstance(exc, Exception):
-                raise NoHealthyReplica(
-                    f"could not send request to replica {replica.replica_id}: {exc!r}") from exc
+                raise NoHealthyReplica(f"could not send a request to a replica: {exc!r}") from exc
             raise
-        return stream
+        return [stream for stream, _ in placed]
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
                        sampling: SamplingParams) -> AsyncIterator[RequestOutput]:

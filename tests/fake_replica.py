@@ -1,9 +1,10 @@
 """A replica stand-in for gateway tests: speaks engine.protocol over real ZeroMQ sockets, no model.
 
 Each step (every `step_s`) every running request gets one token: the prompt ids echoed cyclically,
-text `f"{token} "`. A request finishes with "length" at max_tokens, with "stop" when it would emit
+text `f"{token} "` (fake logprobs too, if asked: see `_entry`). A request finishes with "length" at max_tokens, with "stop" when it would emit
 `eos_token_id` (unless ignore_eos; the EOS text is not returned), and with "error" as soon as its
-prompt contains `error_token_id`. Runs in a daemon thread; `silence()` makes it stop sending
+prompt contains `error_token_id`. With `max_running`, only the first that many requests get tokens
+(the rest wait, and are reported waiting). Runs in a daemon thread; `silence()` makes it stop sending
 anything (a hung replica), `stop()` ends the thread.
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ class _Running:
 class FakeReplica:
     def __init__(self, replica_id: str, input_addr: str, *, model: str = "fake-model",
                  max_model_len: int = 4096, step_s: float = 0.005, heartbeat_s: float = 0.2,
-                 eos_token_id: int = 2, error_token_id: int = 250) -> None:
+                 eos_token_id: int = 2, error_token_id: int = 250,
+                 max_running: int | None = None) -> None:
         self.replica_id = replica_id
         self.model = model
         self.max_model_len = max_model_len
@@ -39,6 +41,7 @@ class FakeReplica:
         self.heartbeat_s = heartbeat_s
         self.eos_token_id = eos_token_id
         self.error_token_id = error_token_id
+        self.max_running = max_running
         self._ctx = zmq.Context()
         self._in = self._ctx.socket(zmq.PULL)
         self._in.setsockopt(zmq.LINGER, 0)
@@ -130,13 +133,17 @@ class FakeReplica:
             if now < next_step:
                 continue
             next_step = now + self.step_s
-            outputs = [self._step_one(r) for r in running.values()]
+            active = list(running.values())[:self.max_running]  # the rest wait (FCFS)
+            outputs = [self._step_one(r) for r in active]
             for out in outputs:
                 if out.finish_reason is not None:
                     running.pop(out.request_id, None)
             if outputs or now - last_sent >= self.heartbeat_s:
-                stats = ReplicaStats(num_running=len(running), num_waiting=0, num_free_blocks=64,
-                                     num_blocks=64, kv_cache_usage=min(1.0, len(running) / 64))
+                n_run = min(len(running), self.max_running or len(running))
+                stats = ReplicaStats(num_running=n_run, num_waiting=len(running) - n_run,
+                                     num_free_blocks=64, num_blocks=64,
+                                     kv_cache_usage=min(1.0, n_run / 64),
+                                     max_num_seqs=self.max_running or 0)
                 self._send(StepOutputs(self.replica_id, outputs, stats))
                 last_sent = now
 
@@ -155,5 +162,15 @@ class FakeReplica:
             return RequestOutput(**base, new_token_ids=[token], text="", num_output_tokens=r.num_out,
                                  finish_reason="stop")
         reason = "length" if r.num_out >= sp.max_tokens else None
-        return RequestOutput(**base, new_token_ids=[token], text=f"{token} ",
-                             num_output_tokens=r.num_out, finish_reason=reason)
+        out = RequestOutput(**base, new_token_ids=[token], text=f"{token} ",
+                            num_output_tokens=r.num_out, finish_reason=reason)
+        if sp.logprobs is not None:
+            out.logprobs = [_entry(token, sp.logprobs)]
+        if sp.prompt_logprobs is not None and r.num_out == 1:
+            out.prompt_logprobs = [None] + [_entry(t, sp.prompt_logprobs) for t in prompt[1:]]
+        return out
+
+
+def _entry(token: int, k: int) -> list:
+    """Fake logprobs: the token itself is the most likely (-0.5), then token+1, token+2, ..."""
+    return [token, -0.5, [[(token + j) % 256, -0.5 - j] for j in range(k)]]

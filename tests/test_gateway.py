@@ -37,6 +37,9 @@ class StubTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode())
 
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(t for t in ids if t < 256).decode(errors="replace")
+
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         if any(m["role"] == "system" for m in messages[1:]):
             raise ValueError("a system message may only come first")
@@ -206,13 +209,13 @@ BAD = [
     ({"temperature": -1}, 400, "temperature", "-1"),
     ({"top_p": 0}, 400, "top_p", "0"),
     ({"max_tokens": 0}, 400, "max_tokens", "0"),
-    ({"n": 2}, 400, "n", "n=2"),
+    ({"n": 17}, 400, "n", "17"),
     ({"model": "gpt-5"}, 404, "model", "gpt-5"),
     ({"prompt": ""}, 400, "prompt", "empty"),
     ({"prompt": []}, 400, "prompt", "empty"),
     ({"prompt": [1, 300]}, 400, "prompt", "300"),
     ({"prompt": [-1]}, 400, "prompt", "-1"),
-    ({"prompt": ["a", "b"]}, 400, "prompt", "batched prompts are not supported yet"),
+    ({"prompt": ["a"] * 33}, 400, "prompt", "at most 32 prompts"),
     ({"prompt": "a" * 120, "max_tokens": 20}, 400, "prompt", "maximum context length is 128"),
     ({"stop": ["s"] * 9}, 400, "stop", "9"),
     ({"top_k": -2}, 400, "top_k", "-2"),
@@ -323,16 +326,22 @@ def test_auth(tmpdir_short):
 
 
 def test_over_capacity_429(tmpdir_short):
-    with Server(tmpdir_short, "cap", {"step_s": 0.05}, max_waiting_per_replica=1) as s:
+    """One request runs (the fake runs one at a time), one may wait; the third gets 429."""
+    with Server(tmpdir_short, "cap", {"step_s": 0.02, "max_running": 1},
+                max_waiting_per_replica=1) as s:
+        body = {"model": MODEL, "prompt": "q", "max_tokens": 40, "stream": True}
         with httpx.Client(timeout=5) as client:
-            with client.stream("POST", s.url + "/v1/completions",
-                               json={"model": MODEL, "prompt": "q", "max_tokens": 40,
-                                     "stream": True}) as first:
+            with client.stream("POST", s.url + "/v1/completions", json=body) as first:
                 assert first.status_code == 200
-                r = client.post(s.url + "/v1/completions",
-                                json={"model": MODEL, "prompt": "q", "max_tokens": 1})
-                assert r.status_code == 429 and r.headers["retry-after"]
-                assert r.json()["error"]["code"] == "rate_limit_exceeded"
+                lines = first.iter_lines()  # keep the iterator: dropping it closes the stream
+                assert next(lines).startswith("data: ")  # it is running now
+                with client.stream("POST", s.url + "/v1/completions", json=body) as second:
+                    assert second.status_code == 200
+                    r = client.post(s.url + "/v1/completions",
+                                    json={"model": MODEL, "prompt": "q", "max_tokens": 1})
+                    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+                    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+                    assert r.json()["error"]["type"] == "rate_limit_error"
         assert _wait(lambda: s.pool.num_outstanding == 0, 2.0)
         r = httpx.post(s.url + "/v1/completions",
                        json={"model": MODEL, "prompt": "q", "max_tokens": 1}, timeout=5)
@@ -425,3 +434,50 @@ def test_pool_request_timeout_fails_with_error_and_aborts(tmpdir_short):
     asyncio.run(asyncio.wait_for(main(), 10))
     assert replica.wait_for(lambda: "slow" in replica.aborted_ids(), 2)
     replica.stop()
+
+
+# ---- fan-out, access log -----------------------------------------------------------------------
+
+def test_n_stream_disconnect_aborts_every_choice(srv):
+    with httpx.Client(timeout=5) as client:
+        with client.stream("POST", srv.url + "/v1/completions", headers={"x-request-id": "fan"},
+                           json={"model": MODEL, "prompt": ["q", "r"], "n": 2, "max_tokens": 100,
+                                 "stream": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+    wanted = {f"cmpl-fan-{i}" for i in range(4)}
+    assert _wait(lambda: wanted <= set(srv.replica.aborted_ids()), 1.5)
+    assert _wait(lambda: srv.pool.num_outstanding == 0, 1.0)
+
+
+def test_batched_prompts_with_n_and_fake_logprobs(srv):
+    r = srv.client().completions.create(model=MODEL, prompt=["ab", "cd"], n=2, max_tokens=2,
+                                        logprobs=2, echo=True)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == ["ab97 98 "] * 2 + ["cd99 100 "] * 2
+    lp = r.choices[0].logprobs
+    assert lp.tokens == ["a", "b", "a", "b"] and lp.token_logprobs == [None, -0.5, -0.5, -0.5]
+    assert lp.text_offset == [0, 1, 2, 3] and lp.top_logprobs[2] == {"a": -0.5, "b": -1.5}
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (4, 8)
+    ids = srv.client().completions.create(model=MODEL, prompt=[[7, 8], [9]], max_tokens=1)
+    assert [c.text for c in ids.choices] == ["7 ", "9 "] and ids.usage.prompt_tokens == 3
+
+
+def test_access_log_is_one_json_line_per_request(srv, caplog):
+    with caplog.at_level("INFO", logger="tandem.access"):
+        httpx.post(srv.url + "/v1/completions", headers={"x-request-id": "logged-1"},
+                   json={"model": MODEL, "prompt": "abc", "max_tokens": 3}, timeout=5)
+        httpx.post(srv.url + "/v1/completions", headers={"x-request-id": "logged-2"},
+                   json={"model": MODEL, "prompt": "abc", "temperature": 9}, timeout=5)
+        assert _wait(lambda: len([r for r in caplog.records if r.name == "tandem.access"]) >= 2)
+    lines = {}
+    for rec in caplog.records:
+        if rec.name == "tandem.access":
+            entry = json.loads(rec.getMessage())
+            lines[entry["request_id"]] = entry
+    ok, bad = lines["logged-1"], lines["logged-2"]
+    assert ok["status"] == 200 and ok["method"] == "POST" and ok["path"] == "/v1/completions"
+    assert (ok["prompt_tokens"], ok["completion_tokens"], ok["finish_reason"]) == (3, 3, "length")
+    assert ok["latency_s"] > 0
+    assert bad["status"] == 400 and bad["prompt_tokens"] is None

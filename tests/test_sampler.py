@@ -52,6 +52,19 @@ def test_penalties_only_touch_their_rows():
     assert logits.tolist()[1] == LOGITS  # input untouched
 
 
+def test_penalty_counts_follow_a_growing_output():
+    sampler = Sampler()  # counts are cached per request and updated as the output grows
+    r = req(prompt=[4], output=[2], frequency_penalty=1.0, repetition_penalty=2.0)
+    first = sampler.apply_penalties(torch.tensor([LOGITS]), [r])[0].tolist()
+    assert first == pytest.approx([1.0, 2.0, 1.5 - 1.0, 0.5, -2.0])
+    r.output_token_ids += [2, 0]
+    again = sampler.apply_penalties(torch.tensor([LOGITS]), [r])[0].tolist()
+    assert again == pytest.approx([0.5 - 1.0, 2.0, 1.5 - 2.0, 0.5, -2.0])
+    sampler.release("r")
+    assert sampler.apply_penalties(torch.tensor([LOGITS]), [req(output=[1], presence_penalty=1.0)]
+                                   )[0].tolist() == pytest.approx([1.0, 1.0, 3.0, 0.5, -1.0])
+
+
 def test_min_p_drops_unlikely_tokens():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log()[None, :]

@@ -1,0 +1,48 @@
+"""Server-sent events and client-disconnect helpers shared by the handlers."""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from gateway.replica_client import RequestStream
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """StreamingResponse that always closes its generator and aborts its requests if they did not
+    finish (client gone, or the body was never iterated). Starlette cancels the body as soon as
+    the client disconnects (ASGI spec < 2.4 listens for http.disconnect), so the abort goes out
+    at once, not at the next token."""
+
+    def __init__(self, content: AsyncIterator[str], streams: Sequence[RequestStream]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.streams = list(streams)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            for stream in self.streams:
+                stream.abort()
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Return when the client goes away (the body has already been read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+        await asyncio.sleep(0.01)
