@@ -276,11 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(func=cmd_bench_engine)
     from bench.cli import add_bench_commands
     from bench.feedback import add_parser as add_feedback_parser
+    from bench.kv_transfer_bench import add_parser as add_kv_parser
     from bench.stall import add_parser as add_stall_parser
 
     add_bench_commands(sub)
     add_stall_parser(sub)
     add_feedback_parser(sub, _add_engine_args)
+    add_kv_parser(sub)
     return p
 
 

@@ -47,21 +47,36 @@ class EngineCore:
         arrival_time: float | None = None,
     ) -> RequestOutput | None:
         """Queue a request; returns an error output right away if it can never run here."""
+        return self._add(request_id, prompt_token_ids, sampling, arrival_time, remote=False)
+
+    def add_remote_prefill(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> Request | RequestOutput | None:
+        """Decode side of disaggregation: reserve blocks for a prompt whose KV another replica
+        will push. Returns the Request (its `block_ids` are where the KV goes), an error output,
+        or None when there is no room right now -- then it was queued for a local prefill."""
+        return self._add(request_id, prompt_token_ids, sampling, arrival_time, remote=True)
+
+    def _add(self, request_id, prompt_token_ids, sampling, arrival_time, remote: bool):
         request = Request(
             request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling=sampling,
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             eos_token_ids=self.eos_token_ids,
         )
         bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
+        reserved = False
         try:
             if bad:
                 raise AdmissionError(f"token ids outside the vocabulary: {bad[:5]}")
-            self.scheduler.add_request(request)
+            reserved = remote and self.scheduler.add_remote_prefill(request)
+            if not reserved:
+                self.scheduler.add_request(request)
         except AdmissionError as e:
             return RequestOutput(request_id, [], "", len(prompt_token_ids), 0,
                                  finish_reason=FinishReason.ERROR.value, error=str(e))
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
-        return None
+        return request if reserved else None
 
     def abort(self, request_ids: list[str]) -> list[RequestOutput]:
         outputs = []

@@ -27,6 +27,12 @@ class AddRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     arrival_time: float
+    remote_prefill: dict | None = None
+    """To a decode replica: prefill this prompt on another replica and receive its KV here.
+    {"transfer_id", "prefill_replica", "prefill_addr"}."""
+    kv_target: dict | None = None
+    """To a prefill replica: compute the prompt and push its KV to a decode replica.
+    {"transfer_id", "request_id" (decode side), "kv_addr", "dst_block_ids"}."""
 
 
 @dataclass
@@ -49,6 +55,10 @@ class ReplicaReady:
     num_blocks: int
     block_size: int
     pid: int
+    role: str = "hybrid"
+    """hybrid | prefill | decode."""
+    kv_addr: str | None = None
+    """Decode replicas: where prefill replicas push KV."""
 
 
 @dataclass

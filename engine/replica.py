@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import asdict
 
@@ -34,6 +35,40 @@ log = logging.getLogger("tandem.replica")
 
 HEARTBEAT_S = 0.5
 IDLE_POLL_MS = 50
+
+
+class Heartbeat(threading.Thread):
+    """Tells the gateway the replica is alive whenever the main loop has been quiet for a period.
+
+    A single step can outlast the gateway's heartbeat timeout (a whole-prompt prefill of thousands
+    of tokens on a CPU), and the main loop cannot send while it computes; torch releases the GIL,
+    so this thread still runs. It has its own socket: ZeroMQ sockets are not thread-safe.
+    """
+
+    def __init__(self, ctx: zmq.Context, output_addr: str, replica_id: str, period_s: float) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.sock = ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(output_addr)
+        self.replica_id, self.period_s = replica_id, period_s
+        self.stats = protocol.ReplicaStats()
+        """Latest stats; the main thread replaces (never mutates) it."""
+        self.last_sent = time.monotonic()
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.period_s / 2):
+            if time.monotonic() - self.last_sent >= self.period_s:
+                frame = protocol.encode(protocol.StepOutputs(self.replica_id, [], self.stats))
+                try:
+                    self.sock.send(frame, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # the gateway is not reading; the next beat will try again
+                self.last_sent = time.monotonic()
+        self.sock.close()
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 class ReplicaServer:
@@ -52,6 +87,7 @@ class ReplicaServer:
         self.outputs.setsockopt(zmq.LINGER, 1000)
         self.outputs.setsockopt(zmq.SNDHWM, 0)   # never drop or block on token frames
         self.outputs.connect(output_addr)
+        self.heartbeat = Heartbeat(self.ctx, output_addr, replica_id, HEARTBEAT_S)
         self.poller = zmq.Poller()
         self.poller.register(self.inputs, zmq.POLLIN)
         self._running = True
@@ -121,7 +157,8 @@ class ReplicaServer:
 
     def serve(self) -> None:
         self._send(self.ready_frame())
-        last_sent = time.monotonic()
+        self.heartbeat.stats = self.engine.stats()
+        self.heartbeat.start()
         iterations = []
         while self._running:
             outputs = self._drain_inputs(0 if self.busy() else IDLE_POLL_MS)
@@ -135,11 +172,12 @@ class ReplicaServer:
                 except Exception as e:
                     log.exception("step failed")
                     outputs.extend(self._fail_all(f"replica step failed: {e}"))
-            now = time.monotonic()
-            if outputs or iterations or now - last_sent >= HEARTBEAT_S:
-                self._send(protocol.StepOutputs(self.replica_id, outputs, self.engine.stats(), iterations))
+            if outputs or iterations:
+                stats = self.engine.stats()
+                self._send(protocol.StepOutputs(self.replica_id, outputs, stats, iterations))
                 iterations = []
-                last_sent = now
+                self.heartbeat.stats = stats
+                self.heartbeat.last_sent = time.monotonic()
             if os.getppid() != self._parent:
                 log.warning("parent process exited; replica %s stops", self.replica_id)
                 break
@@ -155,6 +193,9 @@ class ReplicaServer:
         return outputs
 
     def close(self) -> None:
+        self.heartbeat.stop()
+        if self.heartbeat.is_alive():
+            self.heartbeat.join(timeout=2)
         if self._trace_file is not None:
             self._trace_file.close()
         self.inputs.close(linger=0)

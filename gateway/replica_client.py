@@ -11,6 +11,8 @@ error output (finish_reason "error").
 from __future__ import annotations
 
 import asyncio
+import collections
+import uuid
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -23,7 +25,8 @@ from engine.protocol import (
     AbortRequests, AddRequest, Message, ReplicaReady, RequestOutput, Shutdown, StepOutputs, decode,
     encode,
 )
-from gateway.replica_state import ReplicaState, RoundRobinRouter, Router
+from gateway.replica_state import ReplicaState
+from gateway.routing import Placement, RoundRobin, Router
 from scheduler.request import SamplingParams
 from scheduler.telemetry import IterationStats
 
@@ -46,11 +49,16 @@ class RequestStream:
     call `abort()` if you stop early. Created by `ReplicaPool.submit`."""
 
     def __init__(self, pool: "ReplicaPool", request_id: str, replica_id: str,
-                 num_prompt_tokens: int, deadline: float) -> None:
+                 num_prompt_tokens: int, deadline: float, load_tokens: int = 0,
+                 prefill_replica_id: str | None = None) -> None:
         self.request_id = request_id
         self.replica_id = replica_id
         self.num_prompt_tokens = num_prompt_tokens
         self.deadline = deadline
+        self.load_tokens = load_tokens
+        """What this request adds to its replica's outstanding tokens."""
+        self.prefill_replica_id = prefill_replica_id
+        """pd: the prefill replica computing the prompt, until the first output arrives."""
         self.num_output_tokens = 0
         self._pool = pool
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
@@ -102,7 +110,9 @@ class ReplicaPool:
         self.request_timeout_s = request_timeout_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.send_timeout_s = send_timeout_s
-        self.router: Router = router or RoundRobinRouter()
+        self.router: Router = router or RoundRobin()
+        self.route_decisions: collections.Counter[str] = collections.Counter()
+        """How many requests each routing decision got (offload, local_short, ...)."""
         self._ctx = zmq.asyncio.Context()
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
@@ -237,17 +247,13 @@ class ReplicaPool:
         placed: list[tuple[RequestStream, AddRequest]] = []
         for rid, prompt, sampling in items:
             candidates = [r for r in healthy if max_waiting is None or r.num_waiting < max_waiting]
-            if not candidates:
+            placement = self.router.place(candidates, len(prompt)) if candidates else None
+            if placement is None:
                 for stream, _ in placed:  # nothing was sent yet
                     self._finish(stream)
                 raise Overloaded(f"every healthy replica ({len(healthy)}) already has "
                                  f"{max_waiting} requests waiting")
-            replica = self.router(candidates)
-            stream = RequestStream(self, rid, replica.replica_id, len(prompt),
-                                   now + self.request_timeout_s)
-            self._streams[rid] = stream
-            replica.outstanding += 1
-            placed.append((stream, AddRequest(rid, list(prompt), sampling, time.time())))
+            placed.append(self._place(rid, prompt, sampling, placement, now))
         try:
             for stream, msg in placed:
                 await self._send(stream.replica_id, msg)
@@ -258,6 +264,32 @@ class ReplicaPool:
                 raise NoHealthyReplica(f"could not send a request to a replica: {exc!r}") from exc
             raise
         return [stream for stream, _ in placed]
+
+    def _place(self, rid: str, prompt: Sequence[int], sampling: SamplingParams,
+               placement: Placement, now: float) -> tuple[RequestStream, AddRequest]:
+        replica, prefill = placement.replica, placement.prefill
+        load = len(prompt) + sampling.max_tokens
+        stream = RequestStream(self, rid, replica.replica_id, len(prompt), now + self.request_timeout_s,
+                               load, prefill.replica_id if prefill else None)
+        self._streams[rid] = stream
+        replica.outstanding += 1
+        replica.outstanding_tokens += load
+        self.route_decisions[placement.decision] += 1
+        msg = AddRequest(rid, list(prompt), sampling, time.time())
+        if prefill is not None:
+            prefill.prefill_queue += 1
+            msg.remote_prefill = {"transfer_id": f"kv-{uuid.uuid4().hex[:16]}",
+                                  "prefill_replica": prefill.replica_id,
+                                  "prefill_addr": prefill.address}
+        return stream, msg
+
+    def _prefill_landed(self, stream: RequestStream) -> None:
+        """The prompt of a pd request is done (first output or finish): free its prefill slot."""
+        if stream.prefill_replica_id is not None:
+            prefill = self._replicas.get(stream.prefill_replica_id)
+            if prefill is not None:
+                prefill.prefill_queue -= 1
+            stream.prefill_replica_id = None
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
                        sampling: SamplingParams) -> AsyncIterator[RequestOutput]:
@@ -288,12 +320,15 @@ class ReplicaPool:
         replica = self._replicas.get(stream.replica_id)
         if replica is not None:
             replica.outstanding -= 1
+            replica.outstanding_tokens -= stream.load_tokens
+        self._prefill_landed(stream)
         return True
 
     def _deliver(self, stream: RequestStream, out: RequestOutput) -> None:
         if stream._done:
             return
         stream.num_output_tokens = out.num_output_tokens
+        self._prefill_landed(stream)
         stream._queue.put_nowait(out)
         if out.finish_reason is not None:
             self._finish(stream)

@@ -1,7 +1,6 @@
-"""What the gateway knows about each replica, and the default routing policy over them."""
+"""What the gateway knows about each replica (routing policies are in gateway/routing.py)."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine.protocol import ReplicaReady, ReplicaStats
@@ -21,6 +20,14 @@ class ReplicaState:
     """Requests sent to this replica and not yet finished."""
     timed_out: bool = False
     """Set when the heartbeat timeout fired; cleared by the next frame."""
+    outstanding_tokens: int = 0
+    """Prompt + max_tokens of the requests in flight here (least_loaded routing)."""
+    prefill_queue: int = 0
+    """Prefill replicas: prompts handed to it whose KV has not landed yet (pd routing)."""
+
+    @property
+    def role(self) -> str:
+        return self.ready.role if self.ready is not None else "hybrid"
 
     @property
     def num_waiting(self) -> int:
@@ -35,20 +42,3 @@ class ReplicaState:
     def is_healthy(self, now: float, heartbeat_timeout_s: float) -> bool:
         return (self.ready is not None and not self.timed_out and self.last_seen is not None
                 and now - self.last_seen <= heartbeat_timeout_s)
-
-
-Router = Callable[[Sequence[ReplicaState]], ReplicaState]
-"""Routing policy: picks one of the healthy replicas (never called with an empty list)."""
-
-
-class RoundRobinRouter:
-    """Cycle through the healthy replicas in id order."""
-
-    def __init__(self) -> None:
-        self._counter = 0
-
-    def __call__(self, candidates: Sequence[ReplicaState]) -> ReplicaState:
-        ordered = sorted(candidates, key=lambda r: r.replica_id)
-        choice = ordered[self._counter % len(ordered)]
-        self._counter += 1
-        return choice
