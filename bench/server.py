@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from collections.abc import Iterator
 
 import httpx
@@ -19,10 +20,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class LocalServer:
+    url: str
+    proc: subprocess.Popen
+
+
 @contextmanager
 def local_server(serve_args: list[str], ready_timeout: float = 180.0,
-                 quiet: bool = True) -> Iterator[str]:
-    """Run `tandem serve SERVE_ARGS --port <free>`; yields the base URL once /health is 200."""
+                 quiet: bool = True) -> Iterator[LocalServer]:
+    """Run `tandem serve SERVE_ARGS --port <free>` until the block ends (SIGINT, then SIGKILL).
+    Yields once /health reports every replica ready ("ok")."""
     port = free_port()
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), *serve_args]
     out = subprocess.DEVNULL if quiet else None
@@ -35,14 +43,15 @@ def local_server(serve_args: list[str], ready_timeout: float = 180.0,
             if proc.poll() is not None:
                 raise RuntimeError(f"`tandem serve {' '.join(serve_args)}` exited with {proc.returncode}")
             try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                r = httpx.get(f"{base}/health", timeout=2)
+                if r.status_code == 200 and r.json().get("status") == "ok":
                     break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server not healthy within {ready_timeout:.0f}s")
             time.sleep(0.3)
-        yield base
+        yield LocalServer(base, proc)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)

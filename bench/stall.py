@@ -33,8 +33,8 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload) -> dic
     serve += ["--scheduler", policy, "--token-budget", str(args.token_budget),
               "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len),
               "--threads", str(args.threads)]
-    with local_server(serve) as url:
-        run = asyncio.run(run_load(workload, url, prompts=PromptBuilder(token_ids=True, seed=1),
+    with local_server(serve) as server:
+        run = asyncio.run(run_load(workload, server.url, prompts=PromptBuilder(token_ids=True, seed=1),
                                    timeout_s=args.timeout))
     streams = [r for r in run.requests if r.prompt_tokens != args.long_prompt]
     longs = [r for r in run.requests if r.prompt_tokens == args.long_prompt]

@@ -77,13 +77,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "sequences, budget, step time, preemptions).")
 
 
-def _engine_config(args: argparse.Namespace):
+def _engine_config(args: argparse.Namespace, model: str | None = None):
     from engine.config import EngineConfig
     from engine.model_config import ModelConfig
     from engine.weights import resolve_model
     from scheduler.config import BudgetConfig, SchedulerConfig
 
-    model_dir = resolve_model(args.model)
+    model = args.model or model
+    model_dir = resolve_model(model)
     model_cfg = ModelConfig.from_dir(model_dir)
     max_len = args.max_model_len or min(model_cfg.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
     if model_cfg.sliding_window:
@@ -93,10 +94,10 @@ def _engine_config(args: argparse.Namespace):
                          f"({model_cfg.max_position_embeddings})")
     if args.served_model_name:
         name = args.served_model_name
-    elif args.model is None:
+    elif model is None:
         name = DEFAULT_MODEL_NAME
     else:
-        name = Path(args.model).name.removesuffix(".gguf")
+        name = Path(model).name.removesuffix(".gguf")
     try:
         max_num_seqs = args.max_num_seqs or min(64, args.token_budget)
         budget = BudgetConfig(kind=args.budget, tbt_slo_ms=args.tbt_slo_ms,
@@ -138,26 +139,76 @@ def _server_class():
     return Server
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    from cluster.launcher import LocalLauncher, ReplicaSpec
+def _deployment(args: argparse.Namespace):
+    from cluster.spec import DeploymentSpec, ReplicaGroup
 
-    engine_cfg = _engine_config(args)
-    launcher = LocalLauncher()
-    spec = ReplicaSpec("replica-0", engine_cfg, launcher.ipc_addr("replica-0-in"))
-    launcher.start(spec)
+    if args.spec:
+        with open(args.spec) as f:
+            return DeploymentSpec.from_yaml(f.read())
+    p, d, h = args.prefill_replicas, args.decode_replicas, args.hybrid_replicas
+    if h is None:
+        h = 0 if (p or d) else 1
+    groups = tuple(ReplicaGroup(role, n) for role, n in (("prefill", p), ("decode", d), ("hybrid", h)) if n)
+    routing = args.routing or ("pd" if p else "round_robin")
     try:
-        asyncio.run(_serve_gateway(args, engine_cfg, launcher))
+        return DeploymentSpec(groups=groups, routing=routing, offload_threshold=args.offload_threshold,
+                              kv_transport=args.kv_transport, kv_codec=args.kv_codec)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _replica_specs(deployment, base_cfg, launcher, kv_timeout_s: float):
+    """One ReplicaSpec per replica: engine overrides, a thread share, and KV wiring."""
+    from cluster.launcher import ReplicaSpec
+    from cluster.spec import apply_overrides
+    from kv_transfer.config import KVConfig
+
+    replicas = deployment.replicas()
+    kv_nodes = [rid for rid, g, _ in replicas if g.role in ("prefill", "decode")]
+    ranks = {rid: i for i, rid in enumerate(kv_nodes)}
+    port = _free_port() if deployment.kv_transport == "torch" else None
+    specs = []
+    for rid, group, threads in replicas:
+        cfg = apply_overrides(replace(base_cfg, threads=base_cfg.threads or threads), group.overrides)
+        kv = KVConfig(transport=deployment.kv_transport, codec=deployment.kv_codec, timeout_s=kv_timeout_s)
+        if group.role == "decode" and deployment.kv_transport == "zmq":
+            kv = replace(kv, kv_addr=launcher.ipc_addr(f"{rid}-kv"))
+        if group.role != "hybrid" and deployment.kv_transport == "torch":
+            kv = replace(kv, rank=ranks[rid], world_size=len(kv_nodes), master_port=port, peer_ranks=ranks)
+        specs.append(ReplicaSpec(rid, cfg, launcher.ipc_addr(f"{rid}-in"), group.role, kv))
+    return specs
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from cluster.launcher import LocalLauncher
+
+    deployment = _deployment(args)
+    engine_cfg = _engine_config(args, deployment.model)
+    launcher = LocalLauncher()
+    for spec in _replica_specs(deployment, engine_cfg, launcher, args.kv_timeout):
+        launcher.start(spec)
+    try:
+        asyncio.run(_serve_gateway(args, engine_cfg, launcher, deployment))
     finally:
         launcher.stop()
 
 
-async def _serve_gateway(args, engine_cfg, launcher) -> None:
+async def _serve_gateway(args, engine_cfg, launcher, deployment) -> None:
     import uvicorn
 
     from engine.tokenizer import Tokenizer
     from gateway.app import create_app
     from gateway.config import GatewayConfig
     from gateway.replica_client import ReplicaPool
+    from gateway.routing import make_router
 
     _Server = _server_class()
     gw_cfg = GatewayConfig(
@@ -168,17 +219,22 @@ async def _serve_gateway(args, engine_cfg, launcher) -> None:
     )
     pool = ReplicaPool(launcher.output_addr, {rid: s.input_addr for rid, s in launcher.specs.items()},
                        request_timeout_s=gw_cfg.request_timeout_s,
-                       heartbeat_timeout_s=gw_cfg.heartbeat_timeout_s)
+                       heartbeat_timeout_s=gw_cfg.heartbeat_timeout_s,
+                       router=make_router(deployment.routing, deployment.offload_threshold))
     await pool.start()
     app = create_app(gw_cfg, Tokenizer.from_dir(engine_cfg.model_dir), pool)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
 
     async def watch_replicas() -> None:
         ready = asyncio.create_task(pool.wait_ready(gw_cfg.replica_ready_timeout_s))
+        reported: set[str] = set()
         while True:
             dead = launcher.dead()
-            if dead:
-                log.error("replica process exited: %s; stopping", dead)
+            for rid in set(dead) - reported:
+                log.error("replica %s exited with %s", rid, dead[rid])
+                reported.add(rid)
+            if all(rid in dead for rid, s in launcher.specs.items() if s.role != "prefill"):
+                log.error("no replica that can decode is left; stopping")
                 server.should_exit = True
                 return
             if ready.done():
@@ -247,6 +303,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Requests accepted but not yet running, per healthy replica; beyond it "
                             "the gateway answers 429 with Retry-After.")
     _add_engine_args(serve)
+    d = serve.add_argument_group("disaggregation (prefill replicas push KV to decode replicas)")
+    d.add_argument("--prefill-replicas", type=int, default=0, help="Prefill-only replicas.")
+    d.add_argument("--decode-replicas", type=int, default=0, help="Decode replicas (receive KV).")
+    d.add_argument("--hybrid-replicas", type=int, default=None,
+                   help="Replicas that prefill and decode (default: 1 if no prefill/decode replicas).")
+    d.add_argument("--routing", choices=["round_robin", "least_loaded", "pd"], default=None,
+                   help="round_robin; least_loaded (fewest outstanding tokens); pd = conditional "
+                        "disaggregation: prompts over --offload-threshold go to a prefill replica "
+                        "when its queue is short. Default: pd with prefill replicas, else round_robin.")
+    d.add_argument("--offload-threshold", type=int, default=512,
+                   help="pd routing: prompts longer than this many tokens are offloaded.")
+    d.add_argument("--kv-transport", choices=["zmq", "torch"], default="zmq",
+                   help="zmq (any device) or torch (torch.distributed: Gloo on CPU, NCCL on GPU).")
+    d.add_argument("--kv-codec", choices=["raw", "lz4", "int8", "fp8"], default="lz4",
+                   help="KV codec on the wire; raw and lz4 are lossless, int8/fp8 are lossy.")
+    d.add_argument("--kv-timeout", type=float, default=30.0,
+                   help="A KV transfer with no progress for this long fails; the decode replica "
+                        "then recomputes the prompt itself.")
+    d.add_argument("--spec", default=None,
+                   help="Deployment spec YAML (replica groups, routing, KV settings); replaces the "
+                        "flags of this group. See cluster/spec.py.")
     serve.set_defaults(func=cmd_serve)
 
     prof = sub.add_parser(

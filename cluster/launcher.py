@@ -1,6 +1,6 @@
 """Start replica servers as local processes and stop them for sure.
 
-A replica is `python -m engine.replica ...`: the same server a Ray actor will start later. Its
+A replica is `python -m cluster.node --role ...`: the same servers a Ray actor will start later. Its
 inputs are a ZeroMQ address it binds; its outputs go to the gateway's address.
 """
 from __future__ import annotations
@@ -12,9 +12,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
+from kv_transfer.config import KVConfig
 
 log = logging.getLogger("tandem.launcher")
 
@@ -26,6 +27,9 @@ class ReplicaSpec:
     engine: EngineConfig
     input_addr: str
     """ZeroMQ address the replica binds for its requests."""
+    role: str = "hybrid"
+    kv: KVConfig = field(default_factory=KVConfig)
+    """How a prefill/decode node moves KV."""
 
 
 class LocalLauncher:
@@ -42,9 +46,9 @@ class LocalLauncher:
 
     def start(self, spec: ReplicaSpec) -> None:
         cmd = [
-            sys.executable, "-m", "engine.replica", "--replica-id", spec.replica_id,
+            sys.executable, "-m", "cluster.node", "--role", spec.role, "--replica-id", spec.replica_id,
             "--input-addr", spec.input_addr, "--output-addr", self.output_addr,
-            "--config-json", json.dumps(spec.engine.to_dict()),
+            "--config-json", json.dumps(spec.engine.to_dict()), "--kv-json", json.dumps(spec.kv.to_dict()),
         ]
         env = dict(os.environ)
         if spec.engine.threads:

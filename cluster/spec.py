@@ -109,3 +109,21 @@ class DeploymentSpec:
                                        threads=g.pop("threads", None), overrides=g))
         rest = {k: v for k, v in data.items() if k != "replicas"}
         return cls(groups=tuple(groups), **rest)
+
+
+ENGINE_KEYS = ("dtype", "kv_cache_gb", "num_kv_blocks", "threads")
+SCHEDULER_KEYS = {"scheduler": "policy", "token_budget": "token_budget", "max_num_seqs": "max_num_seqs",
+                  "max_batched_tokens": "max_batched_tokens", "watermark": "watermark"}
+
+
+def apply_overrides(engine_cfg, overrides: dict[str, Any]):
+    """A replica group's engine config: the command line's, with the group's overrides."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    unknown = set(overrides) - set(ENGINE_KEYS) - set(SCHEDULER_KEYS)
+    if unknown:
+        raise ValueError(f"unknown replica settings {sorted(unknown)}; allowed: "
+                         f"{sorted([*ENGINE_KEYS, *SCHEDULER_KEYS])}")
+    sched = replace(engine_cfg.scheduler, **{SCHEDULER_KEYS[k]: v for k, v in overrides.items()
+                                            if k in SCHEDULER_KEYS})
+    return replace(engine_cfg, scheduler=sched, **{k: v for k, v in overrides.items() if k in ENGINE_KEYS})

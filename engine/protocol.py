@@ -105,6 +105,10 @@ class StepOutputs:
     stats: ReplicaStats = field(default_factory=ReplicaStats)
     iterations: list[IterationStats] = field(default_factory=list)
     """Telemetry of every step since the previous frame (usually one)."""
+    kv_events: list[dict] = field(default_factory=list)
+    """Decode nodes: finished KV transfers and fallbacks since the previous frame, e.g.
+    {"state": "done", "codec": "lz4", "wire_bytes": 1, "raw_bytes": 2, "latency_s": 0.1} or
+    {"state": "failed", "reason": "timeout", "fallback": "recompute"}."""
 
 
 Message = AddRequest | AbortRequests | Shutdown | ReplicaReady | StepOutputs

@@ -15,7 +15,6 @@ process that started it dies.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -73,7 +72,7 @@ class Heartbeat(threading.Thread):
 
 class ReplicaServer:
     """The hybrid replica; prefill and decode nodes subclass it and fill in the hooks
-    (`handle_add`, `before_step`, `after_step`, `busy`)."""
+    (`handle_add`, `handle_abort`, `before_step`, `after_step`, `visible`, `idle_poll_ms`)."""
 
     role = "hybrid"
 
@@ -110,6 +109,17 @@ class ReplicaServer:
         err = self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.sampling)
         return [err] if err else []
 
+    def handle_abort(self, msg: protocol.AbortRequests) -> list[protocol.RequestOutput]:
+        return self.engine.abort(msg.request_ids)
+
+    def visible(self, outputs: list[protocol.RequestOutput]) -> list[protocol.RequestOutput]:
+        """The outputs the gateway should see (nodes hide their internal requests)."""
+        return outputs
+
+    def kv_events(self) -> list[dict]:
+        """KV-transfer events since the last frame (decode nodes report them for metrics)."""
+        return []
+
     def before_step(self) -> list[protocol.RequestOutput]:
         """Runs every loop turn, before a step (if any)."""
         return []
@@ -117,16 +127,16 @@ class ReplicaServer:
     def after_step(self) -> None:
         """Runs right after every step, before the next `schedule` can reuse freed blocks."""
 
-    def busy(self) -> bool:
-        """Whether the loop must not sleep (work to step, or transfers to poll)."""
-        return self.engine.has_work()
+    def idle_poll_ms(self) -> int:
+        """How long the loop may wait for input: not at all while there is work to step."""
+        return 0 if self.engine.has_work() else IDLE_POLL_MS
 
     def ready_frame(self) -> protocol.ReplicaReady:
         cfg = self.engine.config
         return protocol.ReplicaReady(
             replica_id=self.replica_id, model=cfg.model_name,
             max_model_len=cfg.scheduler.max_model_len, num_blocks=self.engine.runner.num_blocks,
-            block_size=cfg.scheduler.block_size, pid=os.getpid(),
+            block_size=cfg.scheduler.block_size, pid=os.getpid(), role=self.role,
         )
 
     # -- the loop ----------------------------------------------------------------------------
@@ -134,7 +144,7 @@ class ReplicaServer:
         if isinstance(msg, protocol.AddRequest):
             return self.handle_add(msg)
         if isinstance(msg, protocol.AbortRequests):
-            return self.engine.abort(msg.request_ids)
+            return self.handle_abort(msg)
         if isinstance(msg, protocol.Shutdown):
             self._running = False
             return []
@@ -161,7 +171,7 @@ class ReplicaServer:
         self.heartbeat.start()
         iterations = []
         while self._running:
-            outputs = self._drain_inputs(0 if self.busy() else IDLE_POLL_MS)
+            outputs = self._drain_inputs(self.idle_poll_ms())
             outputs.extend(self.before_step())
             if self.engine.has_work():
                 try:
@@ -172,11 +182,13 @@ class ReplicaServer:
                 except Exception as e:
                     log.exception("step failed")
                     outputs.extend(self._fail_all(f"replica step failed: {e}"))
-            if outputs or iterations:
-                stats = self.engine.stats()
-                self._send(protocol.StepOutputs(self.replica_id, outputs, stats, iterations))
+            outputs = self.visible(outputs)
+            kv_events = self.kv_events()
+            # Inputs (aborts, adds) change the state even when nothing is sent: keep beats fresh.
+            self.heartbeat.stats = stats = self.engine.stats()
+            if outputs or iterations or kv_events:
+                self._send(protocol.StepOutputs(self.replica_id, outputs, stats, iterations, kv_events))
                 iterations = []
-                self.heartbeat.stats = stats
                 self.heartbeat.last_sent = time.monotonic()
             if os.getppid() != self._parent:
                 log.warning("parent process exited; replica %s stops", self.replica_id)
@@ -201,26 +213,3 @@ class ReplicaServer:
         self.inputs.close(linger=0)
         self.outputs.close()
         self.ctx.term()
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Run one Tandem hybrid replica (started by `tandem serve`).")
-    p.add_argument("--replica-id", required=True)
-    p.add_argument("--input-addr", required=True, help="ZeroMQ address this replica binds for requests")
-    p.add_argument("--output-addr", required=True, help="ZeroMQ address of the gateway's output socket")
-    p.add_argument("--config-json", required=True, help="EngineConfig as JSON")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = EngineConfig.from_dict(json.loads(args.config_json))
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    server = ReplicaServer(args.replica_id, config, args.input_addr, args.output_addr)
-    # Until here SIGTERM kills outright (model loading); from now on it ends the loop cleanly.
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    log.info("replica %s ready: %d KV blocks, %d threads", args.replica_id,
-             server.engine.runner.num_blocks, torch.get_num_threads())
-    server.serve()
-
-
-if __name__ == "__main__":
-    main()

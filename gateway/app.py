@@ -60,6 +60,7 @@ def create_app(config: GatewayConfig, tokenizer: Tokenizer, pool: ReplicaPool) -
             await pool.close(shutdown_replicas=False)
 
     pool.on_iterations = metrics.observe_iterations
+    pool.on_kv_events = metrics.observe_kv_events
     app = FastAPI(title="Tandem gateway", lifespan=lifespan)
     app.state.config = config
     app.state.pool = pool
@@ -104,7 +105,9 @@ def create_app(config: GatewayConfig, tokenizer: Tokenizer, pool: ReplicaPool) -
         replicas = {}
         for rid, r in pool.replicas.items():
             replicas[rid] = {
+                "role": r.role,
                 "ready": r.ready is not None,
+                "pid": r.ready.pid if r.ready is not None else None,
                 "healthy": r.is_healthy(now, pool.heartbeat_timeout_s),
                 "last_seen_s_ago": None if r.last_seen is None else round(now - r.last_seen, 3),
                 "outstanding": r.outstanding,
@@ -114,15 +117,20 @@ def create_app(config: GatewayConfig, tokenizer: Tokenizer, pool: ReplicaPool) -
                 "num_blocks": r.stats.num_blocks,
                 "kv_cache_usage": r.stats.kv_cache_usage,
             }
-        ok = pool.healthy()
-        return JSONResponse({"status": "ok" if ok else "unavailable", "replicas": replicas},
-                            status_code=200 if ok else 503,
-                            headers=None if ok else {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)})
+        # Serving needs one healthy replica that can decode; others down is "degraded", not down.
+        healthy = set(pool.healthy_replicas())
+        can_serve = any(rid in healthy and r.role != "prefill" for rid, r in pool.replicas.items())
+        status = "ok" if pool.healthy() else "degraded" if can_serve else "unavailable"
+        return JSONResponse({"status": status, "replicas": replicas,
+                             "routing": dict(pool.route_decisions)},
+                            status_code=200 if can_serve else 503,
+                            headers=None if can_serve else {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)})
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         for rid, r in pool.replicas.items():
             metrics.update_replica(rid, r.stats)
+        metrics.update_routing(pool.route_decisions)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app

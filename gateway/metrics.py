@@ -65,6 +65,25 @@ class GatewayMetrics:
         self.requests_rejected = Counter(
             "tandem:requests_rejected", "Requests refused before reaching a replica: "
             "overloaded (429) or unavailable (503).", ["reason"], registry=r)
+        self.kv_transfer_bytes = Counter(
+            "tandem:kv_transfer_bytes", "KV bytes on the wire (after the codec), by codec.",
+            ["replica", "codec"], registry=r)
+        self.kv_transfer_raw_bytes = Counter(
+            "tandem:kv_transfer_raw_bytes", "KV bytes moved before the codec, by codec.",
+            ["replica", "codec"], registry=r)
+        self.kv_transfer_latency = Histogram(
+            "tandem:kv_transfer_latency_seconds", "First KV frame sent to transfer done.",
+            ["replica"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.kv_transfer_failures = Counter(
+            "tandem:kv_transfer_failures", "KV transfers that failed, by reason.",
+            ["replica", "reason"], registry=r)
+        self.kv_fallbacks = Counter(
+            "tandem:kv_fallbacks", "Offloaded prompts prefilled on the decode replica instead "
+            "(recompute after a failed transfer, or local when blocks were short).",
+            ["replica", "fallback"], registry=r)
+        self.offload_decisions = Gauge(
+            "tandem:pd_offload_decisions", "Routing decisions so far (offload, local_short, "
+            "local_prefill_busy, local).", ["decision"], registry=r)
         self.kv_cache_usage_perc = Gauge(
             "tandem:kv_cache_usage_perc", "KV cache usage of the replica (1 = 100%).", ["replica"],
             registry=r)
@@ -78,6 +97,24 @@ class GatewayMetrics:
             if it.num_preemptions:
                 self.num_preemptions.labels(replica=replica_id).inc(it.num_preemptions)
             self.token_budget.labels(replica=replica_id).set(it.token_budget)
+
+    def observe_kv_events(self, replica_id: str, events: list[dict]) -> None:
+        """KV handoffs as the decode replica saw them: bytes, latency, failures, fallbacks."""
+        for e in events:
+            codec = e.get("codec", "none")
+            if e.get("state") == "done":
+                self.kv_transfer_bytes.labels(replica=replica_id, codec=codec).inc(e.get("wire_bytes", 0))
+                self.kv_transfer_raw_bytes.labels(replica=replica_id, codec=codec).inc(e.get("raw_bytes", 0))
+                if e.get("latency_s") is not None:
+                    self.kv_transfer_latency.labels(replica=replica_id).observe(e["latency_s"])
+            elif e.get("state") == "failed":
+                self.kv_transfer_failures.labels(replica=replica_id, reason=e.get("reason", "error")).inc()
+            if e.get("fallback"):
+                self.kv_fallbacks.labels(replica=replica_id, fallback=e["fallback"]).inc()
+
+    def update_routing(self, decisions: dict[str, int]) -> None:
+        for decision, count in decisions.items():
+            self.offload_decisions.labels(decision=decision).set(count)
 
     def update_replica(self, replica_id: str, stats: ReplicaStats) -> None:
         self.num_requests_running.labels(replica=replica_id).set(stats.num_running)

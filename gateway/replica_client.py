@@ -134,6 +134,8 @@ class ReplicaPool:
         self._closed = False
         self.on_iterations: Callable[[str, list[IterationStats]], None] | None = None
         """Called with each replica's per-iteration telemetry (the app feeds its metrics)."""
+        self.on_kv_events: Callable[[str, list[dict]], None] | None = None
+        """Called with decode replicas' finished KV transfers and fallbacks."""
 
     @classmethod
     def from_config(cls, config: "GatewayConfig", output_addr: str, replica_addrs: dict[str, str],
@@ -385,6 +387,8 @@ class ReplicaPool:
             replica.stats = msg.stats
             if msg.iterations and self.on_iterations is not None:
                 self.on_iterations(msg.replica_id, msg.iterations)
+            if msg.kv_events and self.on_kv_events is not None:
+                self.on_kv_events(msg.replica_id, msg.kv_events)
             for out in msg.outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None and stream.replica_id == msg.replica_id:

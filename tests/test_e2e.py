@@ -4,46 +4,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.server import local_server
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    port = free_port()
-    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", str(tiny_model_dir),
-           "--served-model-name", "tiny", "--port", str(port), "--threads", "1",
-           "--num-kv-blocks", "256", "--max-model-len", "512", "--token-budget", "32"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, "tandem serve exited during start-up"
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "server not healthy within 120 s"
-        time.sleep(0.3)
-    yield base, proc
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    with local_server(["--model", str(tiny_model_dir), "--served-model-name", "tiny", "--threads", "1",
+                       "--num-kv-blocks", "256", "--max-model-len", "512", "--token-budget", "32"],
+                      quiet=False) as srv:
+        yield srv.url, srv.proc
 
 
 def test_streams_a_completion_over_http(server):

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.test_e2e import free_port
+from bench.server import local_server
 
 MODEL = "tiny"
 MAX_LEN = 8192
@@ -24,29 +24,10 @@ MAX_LEN = 8192
 @pytest.fixture(scope="module")
 def base(make_tiny_model):
     model_dir = make_tiny_model(max_position_embeddings=MAX_LEN)
-    port = free_port()
-    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", str(model_dir),
-           "--served-model-name", MODEL, "--port", str(port), "--threads", "1",
-           "--num-kv-blocks", "1024", "--max-model-len", str(MAX_LEN), "--token-budget", "64"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, "tandem serve exited during start-up"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "server not healthy within 120 s"
-        time.sleep(0.3)
-    yield url
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    with local_server(["--model", str(model_dir), "--served-model-name", MODEL, "--threads", "1",
+                       "--num-kv-blocks", "1024", "--max-model-len", str(MAX_LEN), "--token-budget", "64"],
+                      quiet=False) as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,139 @@
+"""Decode node: receives prompt KV from prefill nodes and decodes with hybrid batching.
+
+Request life cycle on this node:
+1. the gateway sends `AddRequest(remote_prefill={transfer_id, prefill_replica, prefill_addr})`
+   for a long prompt (short ones come plain and are prefilled here, stall-free);
+2. we reserve blocks for the whole prompt (BOOTSTRAP -> WAITING); if they are not free right
+   now the request simply queues for a local prefill instead;
+3. we send the prompt to the prefill node with `kv_target` = our KV address and those block ids
+   (request id `<id>/prefill`), and expect the transfer;
+4. every loop turn `KVReceiver.poll` writes arriving KV into the reserved blocks
+   (TRANSFERRING); on "done" the request joins the running batch with all prompt tokens but the
+   last computed -- the next step computes that one and samples the first token here;
+5. on any failure (checksum, lost frame, abort, no progress within the timeout) the partial KV is
+   dropped and the prompt is recomputed locally, first in line; the prefill node is told to stop;
+6. decoding, streaming, finishing and aborting are the hybrid replica's, and every path frees the
+   request's blocks (an abort while waiting for KV also cancels the transfer).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from engine import protocol
+from engine.replica import ReplicaServer
+from kv_transfer import KVReceiver, TransferState, make_transport
+from kv_transfer.config import KVConfig
+from prefill_node.server import PREFILL_SUFFIX
+from scheduler.request import SamplingParams
+
+log = logging.getLogger("tandem.decode")
+
+TRANSFER_POLL_MS = 2
+"""Loop wait while only transfers are pending: short, so KV lands without delay."""
+
+
+class DecodeServer(ReplicaServer):
+    role = "decode"
+
+    def __init__(self, replica_id, config, input_addr, output_addr, kv: KVConfig) -> None:
+        super().__init__(replica_id, config, input_addr, output_addr)
+        self.kv = kv
+        if kv.transport == "zmq":
+            transport = make_transport("zmq", "receiver", address=kv.kv_addr)
+            self.kv_addr = transport.address
+            self._receivers = {"*": KVReceiver(transport, default_timeout_s=kv.timeout_s)}
+        else:  # one torch.distributed channel per prefill peer
+            self.kv_addr = None
+            self._receivers = {
+                peer: KVReceiver(make_transport("torch", "receiver", peer=rank), default_timeout_s=kv.timeout_s)
+                for peer, rank in kv.peer_ranks.items() if peer.startswith("prefill")}
+        self._prefill_socks: dict[str, zmq.Socket] = {}
+        self._pending: dict[str, dict] = {}   # request id -> its remote_prefill info
+        self._events: list[dict] = []
+
+    def ready_frame(self) -> protocol.ReplicaReady:
+        frame = super().ready_frame()
+        frame.kv_addr = self.kv_addr
+        return frame
+
+    def _to_prefill(self, addr: str, msg) -> None:
+        sock = self._prefill_socks.get(addr)
+        if sock is None:
+            sock = self._prefill_socks[addr] = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(addr)
+        sock.send(protocol.encode(msg), copy=False)
+
+    def _receiver(self, info: dict) -> KVReceiver:
+        return self._receivers.get("*") or self._receivers[info["prefill_replica"]]
+
+    def handle_add(self, msg: protocol.AddRequest) -> list[protocol.RequestOutput]:
+        info = msg.remote_prefill
+        if info is None:
+            return super().handle_add(msg)
+        result = self.engine.add_remote_prefill(msg.request_id, msg.prompt_token_ids, msg.sampling)
+        if result is None:   # no room right now: queued for a local prefill
+            self._events.append({"state": "skipped", "reason": "no_free_blocks", "fallback": "local"})
+            return []
+        if isinstance(result, protocol.RequestOutput):
+            return [result]
+        tid = info["transfer_id"]
+        self._receiver(info).expect(tid, msg.request_id, list(result.block_ids), result.num_prompt_tokens,
+                                    timeout_s=self.kv.timeout_s)
+        self._pending[msg.request_id] = info
+        target = {"transfer_id": tid, "request_id": msg.request_id, "kv_addr": self.kv_addr,
+                  "decode_replica": self.replica_id, "dst_block_ids": list(result.block_ids)}
+        prefill_sampling = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        self._to_prefill(info["prefill_addr"], protocol.AddRequest(
+            msg.request_id + PREFILL_SUFFIX, msg.prompt_token_ids, prefill_sampling, time.time(),
+            kv_target=target))
+        return []
+
+    def handle_abort(self, msg: protocol.AbortRequests) -> list[protocol.RequestOutput]:
+        for rid in msg.request_ids:
+            info = self._pending.pop(rid, None)
+            if info is not None:
+                self._receiver(info).cancel(info["transfer_id"])
+                self._to_prefill(info["prefill_addr"], protocol.AbortRequests([rid + PREFILL_SUFFIX]))
+        return super().handle_abort(msg)
+
+    def before_step(self) -> list[protocol.RequestOutput]:
+        now = time.monotonic()
+        for receiver in self._receivers.values():
+            for event in receiver.poll(self.engine.runner.kv_caches):
+                info = self._pending.pop(event.request_id, None)
+                if info is None:
+                    continue
+                if event.state is TransferState.DONE:
+                    self.engine.scheduler.remote_prefill_done(event.request_id, now)
+                    self._events.append({"state": "done", "codec": self.kv.codec,
+                                         "wire_bytes": event.wire_bytes, "raw_bytes": event.raw_bytes,
+                                         "latency_s": event.latency_s})
+                else:
+                    log.warning("KV transfer %s for %s failed (%s: %s); recomputing locally",
+                                event.transfer_id, event.request_id, event.reason, event.error)
+                    self.engine.scheduler.remote_prefill_failed(event.request_id)
+                    self._to_prefill(info["prefill_addr"],
+                                     protocol.AbortRequests([event.request_id + PREFILL_SUFFIX]))
+                    self._events.append({"state": "failed", "reason": event.reason or "error",
+                                         "codec": self.kv.codec, "fallback": "recompute"})
+        return []
+
+    def kv_events(self) -> list[dict]:
+        events, self._events = self._events, []
+        return events
+
+    def idle_poll_ms(self) -> int:
+        if self.engine.has_work():
+            return 0
+        return TRANSFER_POLL_MS if self._pending else super().idle_poll_ms()
+
+    def close(self) -> None:
+        for sock in self._prefill_socks.values():
+            sock.close(linger=0)
+        for receiver in self._receivers.values():
+            receiver.transport.close()
+        super().close()

@@ -1,0 +1,166 @@
+"""Prefill node: the same EngineCore, stopping after the prompt and pushing KV as it is computed.
+
+Request life cycle on this node:
+1. a decode replica sends `AddRequest(kv_target=...)`: its request id, transfer id, KV address and
+   the block ids it reserved; we queue the prompt with max_tokens=1 (stall-free chunking, but the
+   traffic here is prefill only, so chunks fill the whole budget);
+2. after every step that computed a chunk of it, the KV of exactly those tokens goes out
+   (`KVSender.send_chunk`: a synchronous copy of the blocks, encode + send on a worker thread), so
+   the transfer overlaps the next chunk's compute;
+3. when the prompt is done (the step samples one token) the last chunk and a "done" frame go out
+   and the request ends here; its blocks are freed in that step (the copy was already taken);
+4. if it cannot be admitted, is aborted by the decode side, or the sender fails, an abort frame
+   (or the decode side's timeout) makes the decode replica recompute the prompt itself.
+Nothing of these requests goes to the gateway: the decode replica streams the tokens.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from engine import protocol
+from engine.replica import ReplicaServer
+from kv_transfer import KVSender, TransferState, make_transport
+from kv_transfer.config import KVConfig
+from scheduler.request import Request
+
+log = logging.getLogger("tandem.prefill")
+
+
+@dataclass
+class _Push:
+    request: Request
+    transfer_id: str
+    target_request_id: str
+    dst_block_ids: list[int]
+    sender: KVSender
+    sent_upto: int = 0
+    """Tokens whose KV has been handed to the sender."""
+    blocks_before_step: list[int] = field(default_factory=list)
+
+
+class PrefillServer(ReplicaServer):
+    role = "prefill"
+
+    def __init__(self, replica_id, config, input_addr, output_addr, kv: KVConfig) -> None:
+        super().__init__(replica_id, config, input_addr, output_addr)
+        self.kv = kv
+        self._senders: dict[str, KVSender] = {}
+        self._pushes: dict[str, _Push] = {}
+
+    def _sender(self, target: dict) -> KVSender:
+        key = target["kv_addr"] if self.kv.transport == "zmq" else target["decode_replica"]
+        sender = self._senders.get(key)
+        if sender is None:
+            if self.kv.transport == "zmq":
+                transport = make_transport("zmq", "sender", address=target["kv_addr"])
+            else:
+                transport = make_transport("torch", "sender", peer=self.kv.peer_ranks[key])
+            if os.environ.get(FAULT_ENV):
+                transport = FaultyTransport(transport, os.environ[FAULT_ENV])
+            sender = self._senders[key] = KVSender(transport, self.kv.codec, timeout_s=self.kv.timeout_s)
+        return sender
+
+    def handle_add(self, msg: protocol.AddRequest) -> list[protocol.RequestOutput]:
+        target = msg.kv_target
+        if target is None:  # plain request: serve it like a hybrid replica would
+            return super().handle_add(msg)
+        sender = self._sender(target)
+        tid = target["transfer_id"]
+        sender.begin(tid, target["request_id"])
+        result = self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.sampling)
+        if result is not None:
+            sender.send_abort(tid, f"prefill replica {self.replica_id} refused it: {result.error}",
+                              request_id=target["request_id"])
+            return []
+        request = self.engine.scheduler.get(msg.request_id)
+        self._pushes[msg.request_id] = _Push(request, tid, target["request_id"],
+                                             list(target["dst_block_ids"]), sender)
+        return []
+
+    def handle_abort(self, msg: protocol.AbortRequests) -> list[protocol.RequestOutput]:
+        for rid in msg.request_ids:
+            self._pushes.pop(rid, None)  # the decode side gave up: nothing more to send
+        return self.engine.abort(msg.request_ids)
+
+    def before_step(self) -> list[protocol.RequestOutput]:
+        for sender in self._senders.values():
+            for event in sender.poll():
+                if event.state is TransferState.FAILED:
+                    rid = next((r for r, p in self._pushes.items() if p.transfer_id == event.transfer_id), None)
+                    if rid is not None:
+                        log.warning("KV push %s failed (%s); dropping %s", event.transfer_id, event.error, rid)
+                        self._pushes.pop(rid)
+                        self.engine.abort([rid])
+        for push in self._pushes.values():
+            # Finishing frees the blocks in `update`; keep the table to copy the last chunk from.
+            push.blocks_before_step = list(push.request.block_ids)
+        return []
+
+    def after_step(self) -> None:
+        for rid, push in list(self._pushes.items()):
+            r = push.request
+            done = r.is_finished
+            computed = r.num_prompt_tokens if done else r.num_computed_tokens
+            if computed < push.sent_upto:   # preempted: it will be recomputed from the start
+                push.sent_upto = 0
+                continue
+            blocks = push.blocks_before_step if done else r.block_ids
+            if computed > push.sent_upto:
+                push.sender.send_chunk(push.transfer_id, push.target_request_id, self.engine.runner.kv_caches,
+                                       blocks, push.dst_block_ids, push.sent_upto, computed)
+                push.sent_upto = computed
+            if done:
+                first = r.output_token_ids[0] if r.output_token_ids else -1
+                push.sender.send_done(push.transfer_id, push.target_request_id, first, r.num_prompt_tokens)
+                del self._pushes[rid]
+
+    def visible(self, outputs: list[protocol.RequestOutput]) -> list[protocol.RequestOutput]:
+        return [o for o in outputs if not o.request_id.endswith(PREFILL_SUFFIX)]
+
+    def close(self) -> None:
+        for sender in self._senders.values():
+            sender.close(timeout_s=2.0)
+        super().close()
+
+
+PREFILL_SUFFIX = "/prefill"
+"""Request ids a decode node gives the prompts it offloads (never shown to the gateway)."""
+
+
+FAULT_ENV = "TANDEM_KV_FAULT"
+
+
+class FaultyTransport:
+    """Fault injection for tests, set by the environment variable TANDEM_KV_FAULT of a prefill
+    node: `drop:N` loses the N-th frame, `corrupt:N` flips a payload byte of the N-th frame,
+    `stall:S` sleeps S seconds after the first frame (on the sender's worker thread: frames stop
+    flowing while the engine goes on)."""
+
+    def __init__(self, inner, spec: str) -> None:
+        kind, _, value = spec.partition(":")
+        if kind not in ("drop", "corrupt", "stall"):
+            raise ValueError(f"{FAULT_ENV} must be drop:N, corrupt:N or stall:S, got {spec!r}")
+        self.inner, self.kind, self.value, self.count = inner, kind, float(value or 1), 0
+        log.warning("KV fault injection active: %s", spec)
+
+    def send(self, parts) -> None:
+        self.count += 1
+        hit = self.count == int(self.value)
+        if self.kind == "drop" and hit:
+            return
+        if self.kind == "corrupt" and hit and len(parts) > 1:
+            payload = bytearray(bytes(parts[-1]))
+            payload[len(payload) // 2] ^= 0xFF
+            parts = [*parts[:-1], bytes(payload)]
+        self.inner.send(parts)
+        if self.kind == "stall" and self.count == 1:
+            time.sleep(self.value)
+
+    def recv(self, timeout_s):
+        return self.inner.recv(timeout_s)
+
+    def close(self) -> None:
+        self.inner.close()
