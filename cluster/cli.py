@@ -354,12 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.cli import add_bench_commands
     from bench.feedback import add_parser as add_feedback_parser
     from bench.kv_transfer_bench import add_parser as add_kv_parser
+    from bench.kv_accuracy import add_parser as add_kv_accuracy_parser
+    from bench.pd_bench import add_parser as add_pd_parser
     from bench.stall import add_parser as add_stall_parser
 
     add_bench_commands(sub)
     add_stall_parser(sub)
     add_feedback_parser(sub, _add_engine_args)
     add_kv_parser(sub)
+    add_pd_parser(sub)
+    add_kv_accuracy_parser(sub, _add_engine_args)
     return p
 
 
