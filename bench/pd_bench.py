@@ -4,7 +4,7 @@ documents against (a) hybrid replicas only and (b) prefill + decode replicas wit
 Both deployments get the same number of replica processes and threads, so the comparison is of
 placement, not of hardware. Prints TTFT of short and long requests and TBT (P50/P99) per setup.
 
-    tandem bench-pd [--qps 0.5] [--num-requests 30] [--doc-prompt-len 1024] [--kv-codec lz4]
+    tandem bench-pd [--qps 0.5] [--num-requests 30] [--doc-prompt-len 1024] [--kv-codec raw]
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def add_parser(sub) -> None:
     p.add_argument("--doc-fraction", type=float, default=0.25)
     p.add_argument("--offload-threshold", type=int, default=256)
     p.add_argument("--token-budget", type=int, default=64)
-    p.add_argument("--kv-codec", choices=["raw", "lz4", "int8", "fp8"], default="lz4")
+    p.add_argument("--kv-codec", choices=["raw", "lz4", "int8", "fp8"], default="raw")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", default=None)

@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pd routing: prompts longer than this many tokens are offloaded.")
     d.add_argument("--kv-transport", choices=["zmq", "torch"], default="zmq",
                    help="zmq (any device) or torch (torch.distributed: Gloo on CPU, NCCL on GPU).")
-    d.add_argument("--kv-codec", choices=["raw", "lz4", "int8", "fp8"], default="lz4",
-                   help="KV codec on the wire; raw and lz4 are lossless, int8/fp8 are lossy.")
+    d.add_argument("--kv-codec", choices=["raw", "lz4", "int8", "fp8"], default="raw",
+                   help="KV codec on the wire. raw (default) and lz4 are lossless; lz4 saves only ~8%% (fp32) to ~15%% (bf16) of KV bytes and is slower than a local link, so it pays only on slow links. int8/fp8 are lossy (4x smaller in fp32; see bench-kv-accuracy).")
     d.add_argument("--kv-timeout", type=float, default=30.0,
                    help="A KV transfer with no progress for this long fails; the decode replica "
                         "then recomputes the prompt itself.")

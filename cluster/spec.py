@@ -6,7 +6,7 @@ The same spec comes from `tandem serve` flags or from a YAML file (`tandem serve
     routing: pd                 # round_robin | least_loaded | pd
     offload_threshold: 512      # pd: prompts longer than this go to a prefill replica
     kv_transport: zmq           # zmq | torch
-    kv_codec: lz4               # raw | lz4 | int8 | fp8
+    kv_codec: raw               # raw | lz4 | int8 | fp8
     replicas:
       - {role: prefill, count: 1, token_budget: 512}
       - {role: decode, count: 1, token_budget: 128}
@@ -59,8 +59,8 @@ class DeploymentSpec:
     offload_threshold: int = 512
     """pd routing: offload prompts longer than this many tokens."""
     kv_transport: str = "zmq"
-    kv_codec: str = "lz4"
-    """KV codec for prefill -> decode pushes; lossless by default."""
+    kv_codec: str = "raw"
+    """KV codec for prefill -> decode pushes; lossless raw by default (lz4 only pays on slow links)."""
     model: str | None = None
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ class KVConfig:
     transport: str = "zmq"
     """`zmq` (any device; PUSH/PULL) or `torch` (torch.distributed send/recv: Gloo on CPU,
     NCCL on GPU)."""
-    codec: str = "lz4"
+    codec: str = "raw"
     """raw | lz4 (lossless, byte-plane) | int8 | fp8 (lossy: accuracy measured, not assumed)."""
     kv_addr: str | None = None
     """Decode nodes, zmq: the address they bind for incoming KV."""
