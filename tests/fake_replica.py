@@ -89,13 +89,6 @@ class FakeReplica:
         with self._lock:
             return [a.request_id for a in self.received]
 
-    def wait_for(self, predicate, timeout: float = 2.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.01)
-        return predicate()
 
     # ---- replica loop (own thread) ------------------------------------------------------------
 
@@ -174,3 +167,13 @@ class FakeReplica:
 def _entry(token: int, k: int) -> list:
     """Fake logprobs: the token itself is the most likely (-0.5), then token+1, token+2, ..."""
     return [token, -0.5, [[(token + j) % 256, -0.5 - j] for j in range(k)]]
+
+
+def wait_until(predicate, timeout: float = 2.0) -> bool:
+    """Poll `predicate` every 10 ms until it holds or `timeout` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()

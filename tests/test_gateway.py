@@ -22,7 +22,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.replica_client import ReplicaPool
 from scheduler.request import SamplingParams
-from tests.fake_replica import FakeReplica
+from tests.fake_replica import FakeReplica, wait_until
 
 MODEL = "SmolLM2-135M-Instruct"
 MAX_LEN = 128
@@ -104,13 +104,6 @@ def srv(tmpdir_short):
         yield s
 
 
-def _wait(predicate, timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 # ---- basics ------------------------------------------------------------------------------------
@@ -300,16 +293,16 @@ def test_stream_disconnect_aborts_on_replica(srv):
             assert r.status_code == 200
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
-    assert _wait(lambda: "cmpl-disc-stream" in srv.replica.aborted_ids(), 1.5)
-    assert _wait(lambda: srv.pool.num_outstanding == 0, 1.0)
+    assert wait_until(lambda: "cmpl-disc-stream" in srv.replica.aborted_ids(), 1.5)
+    assert wait_until(lambda: srv.pool.num_outstanding == 0, 1.0)
 
 
 def test_non_stream_disconnect_aborts_on_replica(srv):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(srv.url + "/v1/completions", headers={"x-request-id": "disc-plain"},
                    json={"model": MODEL, "prompt": "q", "max_tokens": 100}, timeout=0.2)
-    assert _wait(lambda: "cmpl-disc-plain" in srv.replica.aborted_ids(), 1.5)
-    assert _wait(lambda: srv.pool.num_outstanding == 0, 1.0)
+    assert wait_until(lambda: "cmpl-disc-plain" in srv.replica.aborted_ids(), 1.5)
+    assert wait_until(lambda: srv.pool.num_outstanding == 0, 1.0)
 
 
 # ---- servers with other settings ---------------------------------------------------------------
@@ -342,7 +335,7 @@ def test_over_capacity_429(tmpdir_short):
                     assert r.status_code == 429 and r.headers["retry-after"] == "1"
                     assert r.json()["error"]["code"] == "rate_limit_exceeded"
                     assert r.json()["error"]["type"] == "rate_limit_error"
-        assert _wait(lambda: s.pool.num_outstanding == 0, 2.0)
+        assert wait_until(lambda: s.pool.num_outstanding == 0, 2.0)
         r = httpx.post(s.url + "/v1/completions",
                        json={"model": MODEL, "prompt": "q", "max_tokens": 1}, timeout=5)
         assert r.status_code == 200
@@ -360,9 +353,9 @@ def test_health_503_when_replica_goes_silent(tmpdir_short):
 
         t = threading.Thread(target=long_request)
         t.start()
-        assert _wait(lambda: s.replica.received_ids(), 2.0)
+        assert wait_until(lambda: s.replica.received_ids(), 2.0)
         s.replica.silence()
-        assert _wait(lambda: httpx.get(s.url + "/health").status_code == 503, 3.0)
+        assert wait_until(lambda: httpx.get(s.url + "/health").status_code == 503, 3.0)
         t.join(5)
         r = result["r"]
         assert r.status_code == 500 and "heartbeat" in r.json()["error"]["message"]
@@ -447,8 +440,8 @@ def test_n_stream_disconnect_aborts_every_choice(srv):
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
     wanted = {f"cmpl-fan-{i}" for i in range(4)}
-    assert _wait(lambda: wanted <= set(srv.replica.aborted_ids()), 1.5)
-    assert _wait(lambda: srv.pool.num_outstanding == 0, 1.0)
+    assert wait_until(lambda: wanted <= set(srv.replica.aborted_ids()), 1.5)
+    assert wait_until(lambda: srv.pool.num_outstanding == 0, 1.0)
 
 
 def test_batched_prompts_with_n_and_fake_logprobs(srv):
@@ -470,7 +463,7 @@ def test_access_log_is_one_json_line_per_request(srv, caplog):
                    json={"model": MODEL, "prompt": "abc", "max_tokens": 3}, timeout=5)
         httpx.post(srv.url + "/v1/completions", headers={"x-request-id": "logged-2"},
                    json={"model": MODEL, "prompt": "abc", "temperature": 9}, timeout=5)
-        assert _wait(lambda: len([r for r in caplog.records if r.name == "tandem.access"]) >= 2)
+        assert wait_until(lambda: len([r for r in caplog.records if r.name == "tandem.access"]) >= 2)
     lines = {}
     for rec in caplog.records:
         if rec.name == "tandem.access":
