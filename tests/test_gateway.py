@@ -425,7 +425,7 @@ def test_pool_request_timeout_fails_with_error_and_aborts(tmpdir_short):
             await pool.close()
 
     asyncio.run(asyncio.wait_for(main(), 10))
-    assert replica.wait_for(lambda: "slow" in replica.aborted_ids(), 2)
+    assert wait_until(lambda: "slow" in replica.aborted_ids(), 2)
     replica.stop()
 
 
