@@ -115,3 +115,29 @@ def test_killed_prefill_replica_mid_transfer(tiny_model_dir, colocated, monkeypa
         assert h["status"] in ("ok", "degraded") and httpx.get(f"{srv.url}/health").status_code == 200
         # Long prompts keep working without the prefill replica (prefilled on the decode one).
         assert run_all(srv.url) == colocated
+
+
+@pytest.mark.slow
+def test_pd_equals_colocated_on_smollm2(smollm2_dir):
+    """The real model in fp32: greedy outputs through a prefill -> decode handoff are the
+    colocated ones, for chat prompts on both sides of the threshold, several in flight."""
+    from engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(smollm2_dir)
+    texts = ["What is 2 + 2?", "Name three colours.",
+             "Summarise in one sentence: " + "Stall-free batching admits decodes first. " * 12,
+             "Write a haiku about the sea, then explain it: " + "waves and salt and wind. " * 10]
+    chats = [tok.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    args = ["--served-model-name", "tiny", "--threads", "1", "--num-kv-blocks", "512",
+            "--max-model-len", "1024", "--token-budget", "32"]
+
+    def run(url):
+        with cf.ThreadPoolExecutor(len(chats)) as pool:
+            return list(pool.map(lambda p: complete(url, p), chats))
+
+    with local_server(args) as srv:
+        colocated_out = run(srv.url)
+    with local_server([*args, "--prefill-replicas", "1", "--decode-replicas", "1",
+                       "--offload-threshold", "64", "--kv-codec", "raw"]) as srv:
+        assert run(srv.url) == colocated_out
+        assert health(srv.url)["routing"].get("offload", 0) == sum(len(c) > 64 for c in chats) >= 2
