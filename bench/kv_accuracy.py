@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from scheduler.request import SamplingParams
 
 PROMPTS = [
@@ -28,7 +26,7 @@ PROMPTS = [
 ]
 
 
-def _run(engine, rid: str, prompt: list[int], new_tokens: int, codec) -> tuple[list[int], list[torch.Tensor], float]:
+def _run(engine, rid: str, prompt: list[int], new_tokens: int, codec) -> tuple[list[int], list, float]:
     """Greedy decode; with `codec`, the prompt's KV is encoded+decoded in place after prefill."""
     engine.add_request(rid, prompt, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
     tokens, logits, ratio = [], [], 1.0
@@ -46,6 +44,8 @@ def _run(engine, rid: str, prompt: list[int], new_tokens: int, codec) -> tuple[l
 
 
 def _roundtrip(engine, block_ids: list[int], codec) -> float:
+    import torch  # noqa: PLC0415 - the CLI must not load torch for other commands
+
     raw = wire = 0
     idx = torch.tensor(block_ids)
     for cache in engine.runner.kv_caches:
@@ -63,6 +63,8 @@ def main(args: argparse.Namespace) -> None:
     from cluster.cli import _engine_config  # noqa: PLC0415
     from engine.core import EngineCore  # noqa: PLC0415
     from kv_transfer.codecs import get_codec  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
 
     if args.threads:
         torch.set_num_threads(args.threads)

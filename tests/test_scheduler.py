@@ -230,3 +230,9 @@ def test_remote_prefill_refused_when_blocks_are_short():
     assert sched.add_remote_prefill(make_request(0, 16, 4))        # 4 blocks
     assert not sched.add_remote_prefill(make_request(1, 12, 4))    # needs 3, 2 free
     assert sched.get("r1") is None
+
+
+def test_gateway_and_cli_do_not_load_torch():
+    code = ("import sys, gateway.app, cluster.cli; cluster.cli.build_parser(); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
