@@ -53,10 +53,10 @@ class Heartbeat(threading.Thread):
         self.stats = protocol.ReplicaStats()
         """Latest stats; the main thread replaces (never mutates) it."""
         self.last_sent = time.monotonic()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.period_s / 2):
+        while not self._halt.wait(self.period_s / 2):
             if time.monotonic() - self.last_sent >= self.period_s:
                 frame = protocol.encode(protocol.StepOutputs(self.replica_id, [], self.stats))
                 try:
@@ -67,7 +67,7 @@ class Heartbeat(threading.Thread):
         self.sock.close()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
 
 class ReplicaServer:

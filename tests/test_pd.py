@@ -89,6 +89,15 @@ def test_pd_equals_colocated_token_for_token(tiny_model_dir, colocated, codec):
         assert metric(srv.url, "tandem:kv_fallbacks_total") == 0
 
 
+def test_pd_over_torch_distributed_gloo(tiny_model_dir, colocated):
+    """The same handoff over torch.distributed point-to-point (Gloo here, NCCL on GPUs)."""
+    with local_server([*pd_args(tiny_model_dir), "--kv-transport", "torch"]) as srv:
+        assert run_all(srv.url) == colocated
+        assert health(srv.url)["routing"].get("offload", 0) == sum(n > THRESHOLD for n in PROMPT_LENS)
+        assert metric(srv.url, "tandem:kv_transfer_bytes_total") > 0
+        wait_idle(srv.url)
+
+
 @pytest.mark.parametrize("fault, reason", [("corrupt:2", "checksum"), ("drop:2", "sequence"),
                                            ("stall:4", "timeout")])
 def test_transfer_faults_fall_back_to_recompute(tiny_model_dir, colocated, fault, reason, monkeypatch):
