@@ -18,6 +18,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
 def load_results(paths: list[str | Path]) -> list[dict]:
     out = []
     for p in paths:
@@ -68,11 +75,7 @@ def plot_latency_throughput(results: list[dict], out: Path) -> Path | None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "latency_throughput.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "latency_throughput.png")
 
 
 def plot_capacity(results: list[dict], out: Path) -> Path | None:
@@ -93,11 +96,7 @@ def plot_capacity(results: list[dict], out: Path) -> Path | None:
     ax.set(ylabel="capacity (requests/s)", title="capacity per policy and SLO")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = out / "capacity.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "capacity.png")
 
 
 def plot_tbt_cdf(results: list[dict], out: Path) -> Path | None:
@@ -116,11 +115,7 @@ def plot_tbt_cdf(results: list[dict], out: Path) -> Path | None:
     ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "tbt_cdf.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "tbt_cdf.png")
 
 
 def make_plots(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
