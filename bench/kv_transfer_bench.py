@@ -15,18 +15,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import tempfile
 import time
 
+from bench.server import free_port
+
 CHUNK_BYTES = 4 << 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the decode side (child process) -------------------------------------------------------------
@@ -81,7 +76,7 @@ class _Peer:
         self.kind = kind
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        port = _free_port()
+        port = free_port()
         address = {"ipc": f"ipc://{tempfile.gettempdir()}/tandem-bench-kv-{os.getpid()}.sock",
                    "tcp": "tcp://127.0.0.1:0"}.get(kind, "")
         self.proc = ctx.Process(target=_receiver_main, daemon=True,

@@ -166,7 +166,9 @@ def _replica_specs(deployment, base_cfg, launcher, kv_timeout_s: float):
     replicas = deployment.replicas()
     kv_nodes = [rid for rid, g, _ in replicas if g.role in ("prefill", "decode")]
     ranks = {rid: i for i, rid in enumerate(kv_nodes)}
-    port = _free_port() if deployment.kv_transport == "torch" else None
+    from bench.server import free_port
+
+    port = free_port() if deployment.kv_transport == "torch" else None
     specs = []
     for rid, group, threads in replicas:
         cfg = apply_overrides(replace(base_cfg, threads=base_cfg.threads or threads), group.overrides)
@@ -177,14 +179,6 @@ def _replica_specs(deployment, base_cfg, launcher, kv_timeout_s: float):
             kv = replace(kv, rank=ranks[rid], world_size=len(kv_nodes), master_port=port, peer_ranks=ranks)
         specs.append(ReplicaSpec(rid, cfg, launcher.ipc_addr(f"{rid}-in"), group.role, kv))
     return specs
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 
@@ -18,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from bench.client import completions_url, models_url, run_load
+from bench.server import free_port
 from bench.report import summarize
 from bench.workload import PromptBuilder, RequestSpec, Workload
 
@@ -70,15 +70,9 @@ def _app() -> FastAPI:
     return app
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fake_url():
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(_app(), host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
@@ -171,7 +165,7 @@ def test_run_deadline(fake_url):
 
 
 def test_connection_refused():
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     run = _run(run_load(_wl(2, 4), url, model="x", timeout_s=3))
     assert all(not r.ok and "Connect" in r.error for r in run.requests)
 

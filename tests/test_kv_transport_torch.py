@@ -3,22 +3,17 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
-import socket
 import time
 
 import pytest
 import torch
 
+from bench.server import free_port
+
 torch.set_num_threads(1)
 BS, HEADS, DIM, LAYERS = 16, 3, 64, 6
 SRC_IDS, DST_IDS = [7, 1, 4, 0, 9, 3], [2, 10, 5, 8, 0, 11]
 NUM_TOKENS, CHUNKS = 90, [(0, 40), (40, 80), (80, 90)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def source_cache() -> list[torch.Tensor]:
