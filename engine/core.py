@@ -94,7 +94,9 @@ class EngineCore:
         start = time.perf_counter()
         now = time.monotonic()
         out = self.scheduler.schedule(now)
+        scheduled = time.perf_counter()
         result = self.runner.execute(out)
+        executed = time.perf_counter()
         updated = self.scheduler.update(out, result.sampled, time.monotonic())
         self.last_logits = result.logits
         for rid, (pos, entries) in (result.prompt_logprobs or {}).items():
@@ -122,6 +124,8 @@ class EngineCore:
             output.logprobs = None if entry is None else [list(entry)]
             output.prompt_logprobs = prompt_lps
             outputs.append(output)
+        times = self.runner.times
+        times.schedule, times.update = scheduled - start, time.perf_counter() - executed
         s = self.scheduler
         self.last_step = IterationStats(
             iteration=self.iteration, time=time.time(), step_time=time.perf_counter() - start,

@@ -1,9 +1,13 @@
 """Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) over a paged KV cache.
 
-One forward takes the flattened tokens of a whole hybrid batch (prefill chunks and decodes
-together, T rows) with their absolute positions; attention goes through a backend and the
-per-step `AttentionMetadata`. Parameter names match HF `LlamaForCausalLM`, so an HF state dict
-loads as is.
+One forward takes the flattened rows of a whole hybrid batch (prefill chunks and decodes
+together, T rows) with their absolute positions, and returns the final hidden states of only the
+rows that need logits. State is explicit: the KV caches and the step's `AttentionInputs` come in
+as arguments, so the same function runs eagerly or under torch.compile.
+
+Projections are fused at load (q/k/v into `qkv_proj`, gate/up into `gate_up_proj`): one matmul
+instead of three or two, which matters most at small batch where a step is launch-bound.
+Checkpoints keep HF names; `load_weights` fuses them.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionInputs
 from engine.model_config import ModelConfig
 
 
@@ -37,110 +41,100 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq.float()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 whatever the model dtype, as HF does.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] rotated by the angles of its row (rotate-half convention, as HF)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the model dtype, as HF does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        h = cfg.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=cfg.o_bias)
-
-    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata, backend) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)      # [T, Hq, D]
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)   # [T, Hkv, D]
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        out = backend.forward(q, k, v, kv_cache, meta)                  # [T, Hq, D]
-        return self.o_proj(out.reshape(t, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.input_layernorm = nn.Parameter(torch.ones(h))
+        self.qkv_proj = nn.Linear(h, q + 2 * kv, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q, h, bias=cfg.o_bias)
+        self.post_attention_layernorm = nn.Parameter(torch.ones(h))
+        self.gate_up_proj = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.split = (q, kv, kv)
 
-    def forward(self, x, cos, sin, kv_cache, meta, backend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class LlamaBody(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                attn: AttentionInputs, backend) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(rms_norm(x, self.input_layernorm, self.eps))       # [T, (Hq+2Hkv)*D]
+        q, k, v = qkv.split(self.split, dim=-1)
+        q = apply_rope(q.view(t, self.num_heads, self.head_dim), cos, sin)      # [T, Hq, D]
+        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)   # [T, Hkv, D]
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        o = backend.forward(q, k, v, kv_cache, attn, self.head_dim ** -0.5)    # [T, Hq, D]
+        x = x + self.o_proj(o.reshape(t, -1))
+        gate, up = self.gate_up_proj(rms_norm(x, self.post_attention_layernorm, self.eps)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
 
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.model = LlamaBody(cfg)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        # Tied checkpoints share the embedding; it is still a Linear of its own so that the LM
+        # head can be quantized or prepacked independently of the embedding lookup.
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor,
-        kv_caches: list[torch.Tensor], meta: AttentionMetadata, backend,
-    ) -> torch.Tensor:
-        """input_ids, positions [T] -> final hidden states [T, hidden]."""
-        x = self.model.embed_tokens(input_ids)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]        # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]                  # [T, 1, D]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        backend.plan(meta, self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim)
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta, backend)
-        return self.model.norm(x)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn: AttentionInputs, logit_rows: torch.Tensor, backend) -> torch.Tensor:
+        """input_ids, positions [T]; logit_rows [N] -> normalised hidden states [N, hidden]."""
+        x = self.embed_tokens(input_ids)                                        # [T, hidden]
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]            # [T, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]                  # [T, 1, D]
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv_cache, attn, backend)
+        return rms_norm(x[logit_rows], self.norm, self.cfg.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> fp32 logits [N, vocab]."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return self.lm_head(hidden).float()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        state = dict(state_dict)
-        if self.lm_head is None:
-            state.pop("lm_head.weight", None)  # tied checkpoints may still carry a copy
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        unexpected = [k for k in unexpected if "rotary_emb" not in k]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        """Load an HF `LlamaForCausalLM` state dict, fusing q/k/v and gate/up projections."""
+        hf = dict(state_dict)
+        if self.cfg.tie_word_embeddings or "lm_head.weight" not in hf:
+            hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
+        state = {"embed_tokens.weight": hf.pop("model.embed_tokens.weight"),
+                 "norm": hf.pop("model.norm.weight"), "lm_head.weight": hf.pop("lm_head.weight")}
+        for i in range(self.cfg.num_layers):
+            p = f"model.layers.{i}."
+            try:
+                state[f"layers.{i}.input_layernorm"] = hf.pop(p + "input_layernorm.weight")
+                state[f"layers.{i}.post_attention_layernorm"] = hf.pop(p + "post_attention_layernorm.weight")
+                for kind in ("weight", "bias") if self.cfg.qkv_bias else ("weight",):
+                    state[f"layers.{i}.qkv_proj.{kind}"] = torch.cat(
+                        [hf.pop(f"{p}self_attn.{n}_proj.{kind}") for n in "qkv"])
+                state[f"layers.{i}.o_proj.weight"] = hf.pop(p + "self_attn.o_proj.weight")
+                if self.cfg.o_bias:
+                    state[f"layers.{i}.o_proj.bias"] = hf.pop(p + "self_attn.o_proj.bias")
+                state[f"layers.{i}.gate_up_proj.weight"] = torch.cat(
+                    [hf.pop(p + "mlp.gate_proj.weight"), hf.pop(p + "mlp.up_proj.weight")])
+                state[f"layers.{i}.down_proj.weight"] = hf.pop(p + "mlp.down_proj.weight")
+            except KeyError as e:
+                raise ValueError(f"checkpoint does not match the model: missing {e.args[0]}") from None
+        unexpected = [k for k in hf if "rotary_emb" not in k]
+        if unexpected:
+            raise ValueError(f"checkpoint does not match the model: unexpected {unexpected[:5]}")
+        missing, _ = self.load_state_dict(state, strict=False)
+        if missing:
+            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}")

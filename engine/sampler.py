@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scheduler.request import Request, SamplingParams
+from engine.step_batch import SampleSpec
+from scheduler.request import SamplingParams
 
 LOGPROB_FLOOR = -9999.0
 """Logprobs are clamped here so JSON never sees -inf."""
@@ -77,7 +78,7 @@ class Sampler:
             g = self._per_request[request_id] = torch.Generator().manual_seed(params.seed)
         return g
 
-    def _output_counts(self, request: Request, vocab: int) -> torch.Tensor:
+    def _output_counts(self, request: SampleSpec, vocab: int) -> torch.Tensor:
         """Occurrences of each token in the request's output, kept up to date incrementally
         (outputs only grow, even across preemption)."""
         entry = self._counts.get(request.request_id)
@@ -90,7 +91,7 @@ class Sampler:
             entry[0] = done + len(new)
         return counts
 
-    def _prompt_mask(self, request: Request, vocab: int) -> torch.Tensor:
+    def _prompt_mask(self, request: SampleSpec, vocab: int) -> torch.Tensor:
         mask = self._prompt_seen.get(request.request_id)
         if mask is None:
             mask = self._prompt_seen[request.request_id] = torch.zeros(vocab, dtype=torch.bool)
@@ -98,7 +99,7 @@ class Sampler:
         return mask
 
     # ---- penalties ------------------------------------------------------------------------
-    def apply_penalties(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    def apply_penalties(self, logits: torch.Tensor, requests: Sequence[SampleSpec]) -> torch.Tensor:
         """Return logits [N, V] with every request's penalties applied (rows without any are
         untouched; the input is not modified)."""
         rows = [i for i, r in enumerate(requests) if r.sampling.has_penalties]
@@ -123,7 +124,7 @@ class Sampler:
         return out
 
     # ---- sampling -------------------------------------------------------------------------
-    def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, requests: Sequence[SampleSpec]) -> SamplerOutput:
         """logits [N, V] (one row per request, same order) -> one token per row (+ logprobs)."""
         logits = logits.float()
         params = [r.sampling for r in requests]
@@ -143,7 +144,7 @@ class Sampler:
                 out.logprobs[i] = entry
         return out
 
-    def _draw(self, logits: torch.Tensor, requests: Sequence[Request],
+    def _draw(self, logits: torch.Tensor, requests: Sequence[SampleSpec],
               rows: list[int]) -> list[int]:
         params = [requests[i].sampling for i in rows]
         sub = logits[torch.tensor(rows)]

@@ -25,7 +25,8 @@ MAX_LEN = 8192
 def base(make_tiny_model):
     model_dir = make_tiny_model(max_position_embeddings=MAX_LEN)
     with local_server(["--model", str(model_dir), "--served-model-name", MODEL, "--threads", "1",
-                       "--num-kv-blocks", "1024", "--max-model-len", str(MAX_LEN), "--token-budget", "64"],
+                       "--num-kv-blocks", "1024", "--max-model-len", str(MAX_LEN), "--token-budget", "64",
+                       "--dtype", "float32", "--no-compile"],
                       quiet=False) as srv:
         yield srv.url
 

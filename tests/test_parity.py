@@ -28,7 +28,7 @@ CONFIGS = {
 
 
 def run_engine(model_dir, prompts, budget=32, num_kv_blocks=64, block_size=16):
-    cfg = EngineConfig(model_dir=str(model_dir), num_kv_blocks=num_kv_blocks, scheduler=SchedulerConfig(
+    cfg = EngineConfig(model_dir=str(model_dir), dtype="float32", num_kv_blocks=num_kv_blocks, scheduler=SchedulerConfig(
         token_budget=budget, max_num_seqs=8, block_size=block_size, max_model_len=512))
     engine = EngineCore(cfg, keep_logits=True)
     sampling = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)

@@ -23,7 +23,8 @@ NEW_TOKENS = 10
 
 def base_args(model_dir) -> list[str]:
     return ["--model", str(model_dir), "--served-model-name", "tiny", "--threads", "1",
-            "--num-kv-blocks", "512", "--max-model-len", "1024", "--token-budget", "32"]
+            "--num-kv-blocks", "512", "--max-model-len", "1024", "--token-budget", "32",
+            "--dtype", "float32", "--no-compile"]
 
 
 def pd_args(model_dir, codec="raw", timeout=10.0) -> list[str]:
@@ -138,7 +139,7 @@ def test_pd_equals_colocated_on_smollm2(smollm2_dir):
              "Write a haiku about the sea, then explain it: " + "waves and salt and wind. " * 10]
     chats = [tok.encode_chat([{"role": "user", "content": t}]) for t in texts]
     args = ["--served-model-name", "tiny", "--threads", "1", "--num-kv-blocks", "512",
-            "--max-model-len", "1024", "--token-budget", "32"]
+            "--max-model-len", "1024", "--token-budget", "32", "--dtype", "float32", "--no-compile"]
 
     def run(url):
         with cf.ThreadPoolExecutor(len(chats)) as pool:

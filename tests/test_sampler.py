@@ -121,7 +121,7 @@ def test_prompt_logprobs_match_full_forward(tiny_model_dir):
     from engine.core import EngineCore
     from scheduler.config import SchedulerConfig
 
-    cfg = EngineConfig(model_dir=str(tiny_model_dir), num_kv_blocks=64,
+    cfg = EngineConfig(model_dir=str(tiny_model_dir), dtype="float32", num_kv_blocks=64,
                        scheduler=SchedulerConfig(token_budget=8, max_num_seqs=4, block_size=4,
                                                  max_model_len=128))
     engine = EngineCore(cfg)
