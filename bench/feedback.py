@@ -115,13 +115,13 @@ def plot(results: list[dict], slo_ms: float, phase_a: float, path: str) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from cluster.cli import _engine_config  # noqa: PLC0415 - same flags as `tandem serve`
+    from cluster.cli import engine_config_from_args  # noqa: PLC0415 - same flags as `tandem serve`
 
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = _engine_config(args)
+    base = engine_config_from_args(args)
     sched = base.scheduler
     static = replace(base, scheduler=replace(sched, token_budget=args.static_budget,
                                              budget=BudgetConfig(kind="static")))

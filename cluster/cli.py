@@ -89,7 +89,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "sequences, budget, step time, preemptions).")
 
 
-def _engine_config(args: argparse.Namespace, model: str | None = None):
+def engine_config_from_args(args: argparse.Namespace, model: str | None = None):
     from engine.config import EngineConfig
     from engine.model_config import ModelConfig
     from engine.weights import resolve_model
@@ -197,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from cluster.launcher import LocalLauncher
 
     deployment = _deployment(args)
-    engine_cfg = _engine_config(args, deployment.model)
+    engine_cfg = engine_config_from_args(args, deployment.model)
     launcher = LocalLauncher()
     for spec in _replica_specs(deployment, engine_cfg, launcher, args.kv_timeout):
         launcher.start(spec)
@@ -263,7 +263,7 @@ async def _serve_gateway(args, engine_cfg, launcher, deployment) -> None:
 def cmd_bench_engine(args: argparse.Namespace) -> None:
     from bench.engine_bench import run_engine_bench
 
-    run_engine_bench(_engine_config(args), batch_sizes=args.batch_sizes, context=args.context,
+    run_engine_bench(engine_config_from_args(args), batch_sizes=args.batch_sizes, context=args.context,
                      prefill_len=args.prefill_len, repeats=args.repeats)
 
 
@@ -274,7 +274,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     from scheduler.budget import StepTimeModel
     from scheduler.policies import profiled_budget
 
-    cfg = _engine_config(args)
+    cfg = engine_config_from_args(args)
     if cfg.threads:
         import torch
 
@@ -360,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.cli import add_bench_commands
     from bench.feedback import add_parser as add_feedback_parser
     from bench.kv_transfer_bench import add_parser as add_kv_parser
+    from bench.agreement import add_parser as add_agreement_parser
     from bench.kv_accuracy import add_parser as add_kv_accuracy_parser
     from bench.pd_bench import add_parser as add_pd_parser
     from bench.stall import add_parser as add_stall_parser
@@ -370,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_parser(sub)
     add_pd_parser(sub)
     add_kv_accuracy_parser(sub, _add_engine_args)
+    add_agreement_parser(sub, _add_engine_args)
     return p
 
 

@@ -15,12 +15,17 @@ Query row i of a sequence sits at position kv_len - rows + i and sees keys [0, t
 
 On CPU, attention is one custom op, `tandem::paged_attention`, so a compiled forward calls it as
 a single extern kernel per layer and the shapes inside it never cause a recompile. It writes the
-step's K/V into the cache, then:
-- short runs (decodes, small chunks) attend in place with the native kernel of engine/kernels:
-  keys are read from their blocks where they lie, with no gathered copy per layer;
-- longer prefill chunks gather their blocks once and use torch's SDPA (flash attention on CPU),
-  which is compute-bound and far faster than a row-at-a-time kernel for hundreds of query rows.
-Without the native kernel (no C compiler), short runs take the SDPA path too.
+step's K/V into the cache, then attends with the native kernels of engine/kernels, which read the
+keys where they lie in their blocks (no gathered copy per layer):
+- decodes (the first `seq_counts[0]` sequences): work split by (sequence, 256-key partition) over
+  all heads at once, with a merge of partial softmaxes (flash-decoding), so one long sequence
+  still uses every thread;
+- prefill chunks: blocked flash attention (tiles of query rows x 64 keys, online softmax), with
+  bf16 pair dot products (AVX512-BF16) for bf16 caches. Measured against torch's SDPA (flash, 4-D)
+  on SmolLM2's shapes: 512x512 causal 1.7 vs 4.6 ms per layer, 128 rows over 1024 keys 1.5 vs
+  2.9 ms.
+Without the native kernels (no C compiler, other head sizes, other devices) the op gathers each
+sequence's blocks and uses SDPA.
 """
 from __future__ import annotations
 
@@ -87,41 +92,56 @@ def _attend_dense(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, se
         out[q0:q0 + rows] = o.transpose(0, 1)
 
 
-def _rows_ok(x: torch.Tensor) -> bool:
+_NATIVE: dict[tuple, tuple | None] = {}
+"""(head_dim, group, kv heads, dtype) -> (write_kv, attend) native kernels, or None (torch path)."""
+
+
+def _native_kernels(head_dim: int, group: int, kv_heads: int, dtype: torch.dtype) -> tuple | None:
+    key = (head_dim, group, kv_heads, dtype)
+    if key not in _NATIVE:
+        lib = (load_paged_attention(head_dim, group, kv_heads)
+               if dtype in (torch.float32, torch.bfloat16) else None)
+        name = str(dtype).removeprefix("torch.")
+        _NATIVE[key] = None if lib is None else (lib.write_kv[name], lib.attend[name],
+                                                 lib.prefill_attend[name])
+    return _NATIVE[key]
+
+
+def _dense_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows may be strided (slices of the fused QKV projection); each row must be dense."""
-    return x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
 def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                          slot_mapping: torch.Tensor, seq_info: torch.Tensor,
                          block_table: torch.Tensor, seq_counts: torch.Tensor,
                          scale: float) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D]; writes k/v into `kv_cache` first."""
+    """q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D]; writes k/v into `kv_cache` first.
+
+    This runs once per layer per step, so the native path keeps Python work to a minimum."""
     num_short, num_seqs = seq_counts.tolist()
     rows, num_heads, head_dim = q.shape
-    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    num_kv_heads = kv_cache.shape[3]
     out = q.new_empty(rows, num_heads, head_dim)
     native = None
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and kv_cache.is_contiguous():
-        native = load_paged_attention(head_dim, num_heads // num_kv_heads)
-    dtype = str(q.dtype).removeprefix("torch.")
-    if native is not None:
-        q, k, v = (x if _rows_ok(x) else x.contiguous() for x in (q, k, v))
-        native.write_kv[dtype](kv_cache.data_ptr(), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-                               slot_mapping.data_ptr(), rows, num_kv_heads, block_size)
-        if num_short:
-            status = native.attend[dtype](
-                q.data_ptr(), q.stride(0), kv_cache.data_ptr(), out.data_ptr(), seq_info.data_ptr(),
-                num_short, block_table.data_ptr(), block_table.shape[1], num_kv_heads, block_size,
-                scale)
-            if status != 0:
-                raise MemoryError("paged attention kernel could not allocate its score buffer")
-        dense = slice(num_short, num_seqs)
-    else:
+    if q.device.type == "cpu" and kv_cache.is_contiguous():
+        native = _native_kernels(head_dim, num_heads // num_kv_heads, num_kv_heads, q.dtype)
+    if native is None:
         _write_kv_torch(kv_cache, k, v, slot_mapping)
-        dense = slice(0, num_seqs)
-    if dense.stop > dense.start:
-        _attend_dense(q, kv_cache, out, seq_info[dense], block_table[dense], scale)
+        _attend_dense(q, kv_cache, out, seq_info[:num_seqs], block_table[:num_seqs], scale)
+        return out
+    write_kv, attend, prefill_attend = native
+    q, k, v = _dense_rows(q), _dense_rows(k), _dense_rows(v)
+    block_size, width = kv_cache.shape[2], block_table.shape[1]
+    cache, q_ptr, out_ptr = kv_cache.data_ptr(), q.data_ptr(), out.data_ptr()
+    write_kv(cache, k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slot_mapping.data_ptr(),
+             rows, block_size)
+    if num_short and attend(q_ptr, q.stride(0), cache, out_ptr, seq_info.data_ptr(), num_short,
+                            block_table.data_ptr(), width, block_size, scale):
+        raise MemoryError("paged attention kernel could not allocate its partial results")
+    if num_seqs > num_short:
+        prefill_attend(q_ptr, q.stride(0), cache, out_ptr, seq_info[num_short].data_ptr(),
+                       num_seqs - num_short, block_table[num_short].data_ptr(), width, block_size, scale)
     return out
 
 

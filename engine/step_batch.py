@@ -5,9 +5,9 @@ The forward never sees a `Request`: it reads a `StepBatch` (numpy arrays and int
 tensor-parallel worker can receive over the wire and the simulator can build without torch. The
 sampling half (`samples`, `prompt_logprobs`) is read only by the driver that samples.
 
-Rows are the step's tokens, laid out sequence after sequence. Sequences whose run of query rows is
-short (decodes, small chunks; at most `short_run_rows`) come first: attention reads their keys in
-place in the paged cache, while longer prefill chunks go through a dense kernel.
+Rows are the step's tokens, laid out sequence after sequence. Sequences with at most
+`short_run_rows` query rows (decodes) come first: attention has a kernel for them and another for
+prefill chunks (engine/attention.py).
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ import numpy as np
 from scheduler.core import SchedulerOutput
 from scheduler.request import SamplingParams
 
-SHORT_RUN_ROWS = 16
-"""Sequences with at most this many query rows this step are attended in place (see
-engine/kernels); longer chunks are dense prefill attention."""
+SHORT_RUN_ROWS = 1
+"""Sequences with at most this many query rows go to the decode attention kernel (one pass per
+query row over the keys); longer runs go to the blocked prefill kernel, which measured faster from
+two rows up (engine/kernels)."""
 
 
 class SampleSpec(NamedTuple):

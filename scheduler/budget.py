@@ -60,8 +60,8 @@ class FeedbackBudget:
         return max(self.min_budget, min(self.max_budget, max(aligned, self.tile)))
 
     def observe(self, stats: IterationStats) -> None:
-        if stats.num_seqs == 0:
-            return
+        if stats.num_decode_tokens == 0:
+            return  # no request was waiting for its next token during this step
         self._recent.append(stats.step_time)
         self._since_change += 1
         if self._since_change < self.cooldown:

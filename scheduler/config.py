@@ -50,6 +50,10 @@ class SchedulerConfig:
     token_budget: int = 256
     """Most tokens (decodes + prefill chunks) one iteration may process (the initial value
     under the profiled/feedback controllers). Smaller keeps time between tokens low."""
+    idle_token_budget: int = 0
+    """`sarathi`: most prefill tokens of an iteration in which no request is decoding. Such an
+    iteration delays nobody's next token, so a prompt arriving at an idle replica can be
+    prefilled in fewer, larger chunks (lower TTFT); 0 means `token_budget` (the paper's rule)."""
     max_num_seqs: int = 64
     """Most requests running (holding KV blocks) at once: the batch size cap of every policy."""
     max_batched_tokens: int = 8192
@@ -66,6 +70,8 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown scheduler policy {self.policy!r}; choose from {POLICIES}")
+        if not isinstance(self.idle_token_budget, int) or self.idle_token_budget < 0:
+            raise ValueError(f"idle_token_budget must be an integer >= 0, got {self.idle_token_budget!r}")
         for name in ("token_budget", "max_num_seqs", "max_batched_tokens", "block_size", "max_model_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

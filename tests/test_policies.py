@@ -181,3 +181,46 @@ def test_feedback_policy_wires_through_make_scheduler():
     assert sched.token_budget == 32
     sched.observe(stats(1.0, 32, prefill=28))
     assert sched.token_budget >= cfg.min_budget
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    workload=st.lists(st.tuples(st.integers(1, 200), st.integers(1, 20), st.integers(0, 30)),
+                      min_size=1, max_size=10),
+    seed=st.integers(0, 1000),
+)
+def test_idle_budget_only_applies_when_nobody_decodes(workload, seed):
+    """With decodes in the batch the token budget holds as before; without, prefill may take the
+    larger idle budget and nothing more."""
+    cfg = config("sarathi", idle_token_budget=128)
+    sched = make_scheduler(cfg, 200)
+    requests = [make_request(i, p, m, arrival=float(a) + i * 1e-3) for i, (p, m, a) in enumerate(workload)]
+
+    def check(out, decoding_before):
+        if any(c.request in decoding_before for c in out.chunks):
+            assert out.num_tokens <= cfg.token_budget
+        else:
+            assert out.num_tokens <= cfg.idle_token_budget
+
+    run_to_completion(sched, requests, random.Random(seed), on_step=check)
+    assert all(r.is_finished for r in requests)
+    assert sched.block_manager.num_free_blocks == 200
+
+
+def test_idle_budget_prefills_a_lone_prompt_in_one_step():
+    sched = make_scheduler(config("sarathi", idle_token_budget=128), 100)
+    sched.add_request(make_request(0, 100, 4))
+    out = sched.schedule(0.0)
+    assert [c.num_tokens for c in out.chunks] == [100] and out.token_budget == 128
+    sched.update(out, {"r0": 5}, 0.0)
+    sched.add_request(make_request(1, 100, 4))
+    out = sched.schedule(0.0)        # request 0 decodes now: back to the 32-token budget
+    assert out.num_decode_tokens == 1 and out.num_tokens == 32 and out.token_budget == 32
+
+
+def test_feedback_budget_ignores_steps_without_decodes():
+    """A prefill-only step delays no token, however long it takes."""
+    ctl = FeedbackBudget(initial=256, tbt_slo_s=0.1, tile=32, min_budget=64, max_budget=1024)
+    for _ in range(40):
+        ctl.observe(stats(1.0, 256, prefill=256, decode=0))
+    assert ctl.value == 256
