@@ -56,7 +56,10 @@ def run_engine_bench(config: EngineConfig, batch_sizes: list[int], context: int,
           f"{'frame ms':>9} {'tok/s':>8}")
     host_rows = []
     for b in batch_sizes:
-        sampling = SamplingParams(max_tokens=repeats + 8, temperature=0.0, ignore_eos=True)
+        # Long enough that no request finishes while the others still prefill (they are aborted
+        # after the timed steps).
+        sampling = SamplingParams(max_tokens=config.scheduler.max_model_len - context,
+                                  temperature=0.0, ignore_eos=True)
         for i in range(b):
             prompt = [(7 * i + j) % mc.vocab_size + 1 for j in range(context)]
             err = engine.add_request(f"bench-{b}-{i}", prompt, sampling)
@@ -64,6 +67,7 @@ def run_engine_bench(config: EngineConfig, batch_sizes: list[int], context: int,
                 raise SystemExit(f"cannot add request: {err.error}")
         while any(r.num_uncomputed_tokens > 1 for r in engine.scheduler.running) or engine.scheduler.waiting:
             engine.step()  # prefill everything (not timed)
+        assert len(engine.scheduler.running) == b, "a request finished before the timed steps"
         step, parts, frame = _timed_steps(engine, repeats)
         engine.abort([f"bench-{b}-{i}" for i in range(b)])
         host = parts.host + frame

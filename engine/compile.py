@@ -49,6 +49,9 @@ def _configure_inductor() -> None:
     import torch._inductor.config as inductor_config  # noqa: PLC0415
 
     inductor_config.freezing = True
+    # The graph's wrapper in C++ rather than Python: ~330 kernel launches per step at batch 1 cost
+    # ~2 ms of Python; measured 17.4 vs 18.7 ms per batch-1 decode step, for ~15 s more compile.
+    inductor_config.cpp_wrapper = True
     # Shape/alignment asserts are debugging aids that cost ~6 Python calls per layer per step.
     inductor_config.size_asserts = False
     inductor_config.alignment_asserts = False
