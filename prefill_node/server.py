@@ -38,7 +38,8 @@ class _Push:
     sender: KVSender
     sent_upto: int = 0
     """Tokens whose KV has been handed to the sender."""
-    blocks_before_step: list[int] = field(default_factory=list)
+    step_table: list[int] = field(default_factory=list)
+    """The request's block table as the step computed into it (see `before_step`)."""
 
 
 class PrefillServer(ReplicaServer):
@@ -95,8 +96,10 @@ class PrefillServer(ReplicaServer):
                         self._pushes.pop(rid)
                         self.engine.abort([rid])
         for push in self._pushes.values():
-            # Finishing frees the blocks in `update`; keep the table to copy the last chunk from.
-            push.blocks_before_step = list(push.request.block_ids)
+            # Finishing frees the blocks in `update`, which rebinds `request.block_ids` to a new
+            # list; holding the list object itself (not a copy) keeps the blocks the step computed
+            # into, including those `schedule` is about to allocate to a prompt done in one step.
+            push.step_table = push.request.block_ids
         return []
 
     def after_step(self) -> None:
@@ -107,7 +110,7 @@ class PrefillServer(ReplicaServer):
             if computed < push.sent_upto:   # preempted: it will be recomputed from the start
                 push.sent_upto = 0
                 continue
-            blocks = push.blocks_before_step if done else r.block_ids
+            blocks = push.step_table if done else r.block_ids
             if computed > push.sent_upto:
                 push.sender.send_chunk(push.transfer_id, push.target_request_id, self.engine.runner.kv_caches,
                                        blocks, push.dst_block_ids, push.sent_upto, computed)

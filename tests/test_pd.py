@@ -103,7 +103,10 @@ def test_pd_over_torch_distributed_gloo(tiny_model_dir, colocated):
                                            ("stall:4", "timeout")])
 def test_transfer_faults_fall_back_to_recompute(tiny_model_dir, colocated, fault, reason, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, fault)
-    with local_server(pd_args(tiny_model_dir, "raw", timeout=1.5)) as srv:
+    # Chunks of --token-budget even on an idle prefill replica: the prompt's KV goes out over
+    # several frames, so the fault hits one in the middle of a transfer.
+    args = [*pd_args(tiny_model_dir, "raw", timeout=1.5), "--idle-token-budget", "0"]
+    with local_server(args) as srv:
         long_prompt = prompts()[4]
         assert complete(srv.url, long_prompt) == colocated[4]
         assert metric(srv.url, "tandem:kv_fallbacks_total") >= 1
