@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 ARGS   ?=
 
-.PHONY: install serve test test-slow bench-engine clean
+.PHONY: install serve test test-fast test-slow bench-engine clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,6 +28,9 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m 'not slow' $(ARGS)
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow $(ARGS)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -188,6 +189,34 @@ class TorchPagedAttention:
                                                 attn.block_table, attn.seq_counts, scale)
 
 
+class PagedKVLayout(NamedTuple):
+    """A StepBatch in the CSR form of FlashInfer's paged-KV API (numpy, int64)."""
+
+    qo_indptr: np.ndarray
+    """[S+1]: sequence s owns query rows [qo_indptr[s], qo_indptr[s+1])."""
+    kv_indptr: np.ndarray
+    """[S+1]: sequence s owns pages kv_indices[kv_indptr[s]:kv_indptr[s+1]]."""
+    kv_indices: np.ndarray
+    """[total pages]: the cache blocks of every sequence, in order."""
+    last_page_len: np.ndarray
+    """[S]: tokens in each sequence's last page (1..block_size)."""
+
+
+def paged_kv_layout(batch: StepBatch, block_size: int) -> PagedKVLayout:
+    """The host-side bookkeeping of the FlashInfer backend, kept apart so it is tested on CPU."""
+    info = batch.seq_info.astype(np.int64)
+    num_seqs = len(info)
+    pages = -(-info[:, 2] // block_size)
+    qo_indptr = np.zeros(num_seqs + 1, np.int64)
+    np.cumsum(info[:, 1], out=qo_indptr[1:])
+    kv_indptr = np.zeros(num_seqs + 1, np.int64)
+    np.cumsum(pages, out=kv_indptr[1:])
+    in_use = np.arange(batch.block_table.shape[1])[None, :] < pages[:, None]
+    kv_indices = batch.block_table[in_use].astype(np.int64)   # row-major: sequence by sequence
+    last_page_len = info[:, 2] - (pages - 1) * block_size
+    return PagedKVLayout(qo_indptr, kv_indptr, kv_indices, last_page_len)
+
+
 class FlashInferPagedAttention:
     """FlashInfer's batch prefill kernel over the same paged cache (CUDA only).
 
@@ -211,20 +240,16 @@ class FlashInferPagedAttention:
 
     def plan(self, batch: StepBatch, num_heads: int, num_kv_heads: int, head_dim: int,
              dtype: torch.dtype) -> AttentionInputs:
-        info = batch.seq_info.astype("int64")
-        bs = self.block_size
-        pages = -(-info[:, 2] // bs)
-        qo_indptr = [0, *info[:, 1].cumsum().tolist()]
-        kv_indptr = [0, *pages.cumsum().tolist()]
-        kv_indices = [b for row, n in zip(batch.block_table.tolist(), pages.tolist()) for b in row[:n]]
-        last_page_len = (info[:, 2] - (pages - 1) * bs).tolist()
+        pages = paged_kv_layout(batch, self.block_size)
+        info = batch.seq_info
 
         def i32(x) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.int32, device=self.device)
+            return torch.from_numpy(x).to(device=self.device, dtype=torch.int32)
 
-        qo, kvp, kvi, last = i32(qo_indptr), i32(kv_indptr), i32(kv_indices), i32(last_page_len)
-        self._wrapper.plan(qo, kvp, kvi, last, num_heads, num_kv_heads, head_dim, bs, causal=True,
-                           q_data_type=dtype, kv_data_type=dtype)
+        qo, kvp, kvi, last = (i32(pages.qo_indptr), i32(pages.kv_indptr), i32(pages.kv_indices),
+                              i32(pages.last_page_len))
+        self._wrapper.plan(qo, kvp, kvi, last, num_heads, num_kv_heads, head_dim, self.block_size,
+                           causal=True, q_data_type=dtype, kv_data_type=dtype)
         seq_of_row = torch.repeat_interleave(torch.arange(len(info), device=self.device),
                                              torch.from_numpy(info[:, 1]).to(self.device))
         positions = torch.from_numpy(batch.positions).to(self.device)

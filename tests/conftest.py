@@ -63,3 +63,17 @@ def make_tiny_model(tmp_path_factory: pytest.TempPathFactory,
 def tiny_model_dir(make_tiny_model: Callable[..., Path]) -> Path:
     """A tiny random Llama (2 layers, hidden 64, 4 heads, 2 KV heads) with SmolLM2's tokenizer."""
     return make_tiny_model()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`cuda` tests run only where torch sees a CUDA device (and FlashInfer where they use it)."""
+    cuda_items = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in cuda_items:
+        item.add_marker(skip)

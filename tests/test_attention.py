@@ -109,3 +109,39 @@ def test_torch_fallback_matches_native(monkeypatch):
     monkeypatch.setattr(attention, "load_paged_attention", lambda *a: None)
     fallback = torch.ops.tandem.paged_attention(*inputs, 0.125)
     assert (native - fallback).abs().max().item() < 1e-5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("step", list(STEPS))
+def test_flashinfer_backend_matches_reference(dtype, step):
+    """FlashInfer's paged prefill kernel over the same cache layout, planned from a StepBatch."""
+    import numpy as np
+
+    from engine.step_batch import StepBatch
+
+    heads, kv_heads, head_dim = SHAPES["smollm2"]
+    (q, k, v, cache, slots, *_), (seqs, tables) = make_step(STEPS[step], heads, kv_heads, head_dim, dtype)
+    width = max(len(t) for t in tables)
+    batch = StepBatch(
+        input_ids=np.zeros(len(q), np.int64),
+        positions=np.concatenate([np.arange(kv - rows, kv) for _, rows, kv in seqs]),
+        slot_mapping=slots.numpy(), seq_info=np.array(seqs, np.int32),
+        block_table=np.array([t + [0] * (width - len(t)) for t in tables], np.int32),
+        num_short_seqs=0, logit_rows=np.zeros(0, np.int64))
+    cuda = torch.device("cuda")
+    backend = attention.make_attention_backend("flashinfer", cuda, max_seqs=8, max_blocks_per_seq=width,
+                                               block_size=BLOCK)
+    gpu_cache = cache.to(cuda)
+    attn = backend.plan(batch, heads, kv_heads, head_dim, dtype)
+    out = backend.forward(q.to(cuda), k.to(cuda), v.to(cuda), gpu_cache, attn, head_dim ** -0.5)
+    cache = gpu_cache.cpu()
+    rows = cache.view(-1, kv_heads, head_dim)
+    k_rows = (slots // BLOCK) * 2 * BLOCK + slots % BLOCK
+    assert torch.equal(rows[k_rows], k) and torch.equal(rows[k_rows + BLOCK], v)
+    assert (out.float().cpu() - reference(q, cache, seqs, tables)).abs().max().item() < 2e-2
+
+
+def test_flashinfer_backend_needs_cuda():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        attention.make_attention_backend("flashinfer", torch.device("cpu"), 8, 8, BLOCK)

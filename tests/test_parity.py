@@ -27,9 +27,13 @@ CONFIGS = {
 }
 
 
-def run_engine(model_dir, prompts, budget=32, num_kv_blocks=64, block_size=16):
-    cfg = EngineConfig(model_dir=str(model_dir), dtype="float32", num_kv_blocks=num_kv_blocks, scheduler=SchedulerConfig(
-        token_budget=budget, max_num_seqs=8, block_size=block_size, max_model_len=512))
+def run_engine(model_dir, prompts, budget=32, num_kv_blocks=64, block_size=16, **options):
+    """Greedy decode of every prompt at once -> (tokens, logits at sampled positions, steps that
+    mixed a prefill chunk with decodes, graphs compiled after warm-up)."""
+    options.setdefault("dtype", "float32")
+    cfg = EngineConfig(model_dir=str(model_dir), num_kv_blocks=num_kv_blocks, **options,
+                       scheduler=SchedulerConfig(token_budget=budget, max_num_seqs=8,
+                                                 block_size=block_size, max_model_len=512))
     engine = EngineCore(cfg, keep_logits=True)
     sampling = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
@@ -47,7 +51,7 @@ def run_engine(model_dir, prompts, budget=32, num_kv_blocks=64, block_size=16):
         for o in outs:
             tokens[o.request_id].extend(o.new_token_ids)
     assert engine.scheduler.block_manager.num_free_blocks == engine.runner.num_blocks
-    return tokens, logits, mixed_steps
+    return tokens, logits, mixed_steps, engine.runner.recompiles_since_warmup
 
 
 def random_prompts(vocab, lens, seed=1):
@@ -84,7 +88,7 @@ def test_tiny_llama_matches_hf_with_chunked_mixed_batches(make_tiny_model, name)
 
     model_dir = make_tiny_model(**CONFIGS[name])
     prompts = random_prompts(49152, PROMPT_LENS)
-    tokens, logits, mixed = run_engine(model_dir, prompts, budget=32)
+    tokens, logits, mixed, _ = run_engine(model_dir, prompts, budget=32)
     assert mixed > 0, "no step mixed a prefill chunk with decodes"
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     compare_with_hf(hf, prompts, tokens, logits, atol=1e-4)
@@ -92,9 +96,38 @@ def test_tiny_llama_matches_hf_with_chunked_mixed_batches(make_tiny_model, name)
 
 def test_block_size_and_budget_do_not_change_results(tiny_model_dir):
     prompts = random_prompts(49152, PROMPT_LENS, seed=7)
-    a, _, _ = run_engine(tiny_model_dir, prompts, budget=16, block_size=4, num_kv_blocks=256)
-    b, _, _ = run_engine(tiny_model_dir, prompts, budget=256, block_size=16, num_kv_blocks=64)
+    a, *_ = run_engine(tiny_model_dir, prompts, budget=16, block_size=4, num_kv_blocks=256)
+    b, *_ = run_engine(tiny_model_dir, prompts, budget=256, block_size=16, num_kv_blocks=64)
     assert a == b
+
+
+def test_compiled_forward_matches_hf_without_recompiling(make_tiny_model):
+    """The serving path (`--compile`: inductor, frozen weights, dynamic rows) in fp32: HF's logits
+    and tokens over steps of 1 to 5 sequences and 5 to 32 rows, all on the warm-up's graph."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = make_tiny_model()
+    prompts = random_prompts(49152, PROMPT_LENS, seed=5)
+    tokens, logits, mixed, recompiles = run_engine(model_dir, prompts, budget=32, compile=True)
+    assert mixed > 0
+    assert recompiles == 0, f"{recompiles} graph(s) compiled while serving"
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    compare_with_hf(hf, prompts, tokens, logits, atol=1e-4)
+
+
+def test_compiled_int8_matches_eager_int8(make_tiny_model):
+    """int8 linears branch on the row count (int8 kernel or dequantized GEMM): both graphs are
+    compiled at warm-up, and compiled and eager agree."""
+    model_dir = make_tiny_model()
+    prompts = random_prompts(49152, PROMPT_LENS, seed=6)
+    eager, eager_logits, *_ = run_engine(model_dir, prompts, quantization="int8")
+    compiled, compiled_logits, _, recompiles = run_engine(model_dir, prompts, quantization="int8",
+                                                          compile=True)
+    assert recompiles == 0
+    assert compiled == eager
+    err = max((torch.stack(compiled_logits[r]) - torch.stack(eager_logits[r])).abs().max().item()
+              for r in eager)
+    assert err < 1e-3
 
 
 @pytest.mark.slow
@@ -110,7 +143,7 @@ def test_smollm2_from_gguf_matches_hf(smollm2_dir):
     texts = ["The capital of France is", "def fibonacci(n):\n    ",
              "Once upon a time, in a land far away, there lived a " * 6]
     prompts = [tok(t)["input_ids"] for t in texts]
-    tokens, logits, mixed = run_engine(smollm2_dir, prompts, budget=64, num_kv_blocks=128)
+    tokens, logits, mixed, _ = run_engine(smollm2_dir, prompts, budget=64, num_kv_blocks=128)
     assert mixed > 0
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     compare_with_hf(hf, prompts, tokens, logits, atol=5e-4)
