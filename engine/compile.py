@@ -94,7 +94,7 @@ def warmup_batches(runner: "ModelRunner") -> list[tuple[str, StepBatch]]:
     count). Their K/V land in the scratch block, which no request uses."""
     sizes = [("any batch", 16, 3)]
     if runner.config.quantization == "int8":
-        sizes = [("small batches", INT8_MAX_ROWS, 3), ("large batches", 2 * INT8_MAX_ROWS, 3)]
+        sizes = [("small batches", INT8_MAX_ROWS, INT8_MAX_ROWS), ("large batches", 16, 3)]
     batches = []
     for name, rows, logits in sizes:
         scratch = runner.scratch_block * runner.block_size
@@ -112,26 +112,30 @@ class CompiledForward:
     dynamic on every call. The LM head is a graph of its own, so prompt logprobs (echo) can run it
     on any rows of the body's output."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, static_rows: int = 1) -> None:
+        """`static_rows`: calls with at most this many rows are not marked dynamic. The model
+        branches on row counts up to it (int8 linears), so dynamo gives them a graph of their own
+        with those sizes fixed; marking them dynamic would be an error."""
         import torch  # noqa: PLC0415
 
         self._torch = torch
+        self.static_rows = static_rows
         self._compiled = torch.compile(model, fullgraph=True)
         self._logits = torch.compile(model.compute_logits, fullgraph=True)
         self.graphs_after_warmup: int | None = None
 
     def compute_logits(self, hidden):
-        if hidden.shape[0] > 1:
+        if hidden.shape[0] > self.static_rows:
             self._torch._dynamo.mark_dynamic(hidden, 0)
         return self._logits(hidden)
 
     def __call__(self, input_ids, positions, kv_caches, attn, logit_rows, backend):
         mark = self._torch._dynamo.mark_dynamic
-        if input_ids.shape[0] > 1:
+        if input_ids.shape[0] > self.static_rows:
             for t in (input_ids, positions, attn.slot_mapping):
                 mark(t, 0)
-        if logit_rows.shape[0] > 1:
-            mark(logit_rows, 0)
+            if logit_rows.shape[0] > 1:
+                mark(logit_rows, 0)
         return self._compiled(input_ids, positions, kv_caches, attn, logit_rows, backend)
 
     @property
@@ -146,7 +150,8 @@ def compile_runner(runner: "ModelRunner") -> float:
         return 0.0
     _configure_inductor()
     start = time.perf_counter()
-    compiled = CompiledForward(runner.model)
+    int8 = runner.config.quantization == "int8"
+    compiled = CompiledForward(runner.model, static_rows=INT8_MAX_ROWS if int8 else 1)
     runner._forward = compiled
     runner._logits = compiled.compute_logits
     runner.min_rows = 2

@@ -2,10 +2,12 @@
 
 Each output channel gets a symmetric scale (max |w| / 127); activations stay in the model dtype.
 At a few rows per step (decoding) a step is bound by reading weights, and torch's
-`_weight_int8pack_mm` reads half the bytes of bf16. At many rows (prefill) that kernel is slower
-than a bf16 GEMM, so those rows use the dequantized weight instead: under torch.compile with
-freezing the dequantization is folded into a constant at compile time (then prepacked for
-oneDNN), so prefill runs at bf16 speed, at the cost of keeping that copy in memory too.
+`_weight_int8pack_mm` reads half the bytes of bf16. At many rows (prefill, large decode batches)
+that kernel is slower than a bf16 GEMM, so those rows use the dequantized weight, computed once at
+load and kept beside the int8 one (1.5x the weight memory of bf16). It has to be a stored tensor:
+inductor deliberately does not constant-fold an int8 -> float conversion (it keeps weight-only
+quantization patterns for its own int8 kernels), so dequantizing in the forward cost every
+compiled step a full dequantization (measured: batch-32 decode 106 vs 62 ms for bf16).
 """
 from __future__ import annotations
 
@@ -15,9 +17,12 @@ from torch import nn
 
 from engine.config import QUANTIZATIONS
 
-INT8_MAX_ROWS = 8
-"""Steps with at most this many rows use the int8 kernel (measured crossover on AVX-512: at 8
-rows int8 and bf16 take about the same time; beyond, bf16 GEMMs win)."""
+INT8_MAX_ROWS = 2
+"""Steps with at most this many rows use the int8 kernel, whose cost grows with rows while a bf16
+GEMM's barely does. Measured on AVX-512, SmolLM2's four linear shapes (LM head included), eager,
+bf16 vs int8 ms: 1 row 3.5 vs 1.8, 2 rows 3.5 vs 2.5, 4 rows 3.9 vs 2.9, 8 rows 4.4 vs 6.0; but
+against the compiled forward's prepacked bf16 GEMMs int8 already loses at 4 rows (decode step 20.5
+vs 18.0 ms) and wins at 1-2 (15.9 vs 18.4 ms)."""
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,6 +40,7 @@ class Int8Linear(nn.Module):
         dtype = linear.weight.dtype
         self.register_buffer("weight_int8", q)
         self.register_buffer("scales", scales.to(dtype))
+        self.register_buffer("weight_dequantized", self.dequantized())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -45,7 +51,7 @@ class Int8Linear(nn.Module):
         if x.shape[0] <= INT8_MAX_ROWS and x.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight_int8, self.scales)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.dequantized(), self.bias)
+        return F.linear(x, self.weight_dequantized, self.bias)
 
 
 def quantize_model(model: nn.Module, method: str) -> nn.Module:
