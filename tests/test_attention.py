@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 import engine.attention as attention  # noqa: E402
+from bench.attention_bench import random_paged_step  # noqa: E402
 from engine.kernels import load_paged_attention  # noqa: E402
 
 BLOCK = 16
@@ -32,34 +33,7 @@ def reference(q, cache, seqs, tables):
 
 
 def make_step(seq_shapes, heads, kv_heads, head_dim, dtype, seed=0, short_rows=16):
-    """Random cache and queries; seq_shapes: (rows this step, kv length) per sequence, runs of at
-    most `short_rows` rows first (they go to the decode kernel, which takes any row count).
-    Returns the op's inputs and (seqs, tables) for the reference."""
-    g = torch.Generator().manual_seed(seed)
-    pages = [-(-kv // BLOCK) for _, kv in seq_shapes]
-    num_blocks = sum(pages) + 3
-    cache = torch.randn(num_blocks, 2, BLOCK, kv_heads, head_dim, generator=g).to(dtype)
-    order = torch.randperm(num_blocks, generator=g).tolist()
-    tables, seqs, slots, first = [], [], [], 0
-    for (rows, kv), n in zip(seq_shapes, pages):
-        tables.append(order[:n])
-        order = order[n:]
-        seqs.append((first, rows, kv))
-        slots += [tables[-1][p // BLOCK] * BLOCK + p % BLOCK for p in range(kv - rows, kv)]
-        first += rows
-    total = first
-    q = torch.randn(total, heads, head_dim, generator=g).to(dtype)
-    k = torch.randn(total, kv_heads, head_dim, generator=g).to(dtype)
-    v = torch.randn(total, kv_heads, head_dim, generator=g).to(dtype)
-    width = max(pages)
-    seq_info = torch.zeros(len(seqs) + 2, 3, dtype=torch.int32)   # padded, as the runner's buffers
-    seq_info[:len(seqs)] = torch.tensor(seqs, dtype=torch.int32)
-    table = torch.zeros(len(seqs) + 2, width + 1, dtype=torch.int32)
-    for i, t in enumerate(tables):
-        table[i, :len(t)] = torch.tensor(t)
-    num_short = sum(rows <= short_rows for rows, _ in seq_shapes)
-    counts = torch.tensor([num_short, len(seqs)], dtype=torch.int32)
-    return (q, k, v, cache, torch.tensor(slots), seq_info, table, counts), (seqs, tables)
+    return random_paged_step(seq_shapes, heads, kv_heads, head_dim, dtype, seed, short_rows, BLOCK)
 
 
 SHAPES = {

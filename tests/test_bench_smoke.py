@@ -31,6 +31,15 @@ def test_bench_feedback_runs_and_reports_both_controllers(tiny_model_dir, tmp_pa
     assert all(r["iterations"] for r in results)
 
 
+def test_bench_attention_times_every_alternative(capsys):
+    args = build_parser().parse_args(["bench-attention", "--context", "48", "--repeats", "1",
+                                      "--threads", "1", "--dtype", "float32"])
+    args.func(args)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["decode", "decode", "8"]
+    assert all(float(x) > 0 for r in rows for x in r[-3:])
+
+
 @pytest.mark.slow
 def test_bench_stall_against_the_real_server(tiny_model_dir, capsys):
     args = build_parser().parse_args([
