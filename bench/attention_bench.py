@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 BLOCK = 16
 
 STEPS = {
@@ -30,6 +28,8 @@ def random_paged_step(seq_shapes, heads, kv_heads, head_dim, dtype, seed=0, shor
     KV length) per sequence, runs of at most `short_rows` rows first (they go to the decode kernel).
     Returns the op's inputs and (seqs, tables): per sequence (first row, rows, KV length) and its
     blocks, for a reference computation."""
+    import torch  # noqa: PLC0415 - the CLI imports this module without loading torch
+
     g = torch.Generator().manual_seed(seed)
     pages = [-(-kv // block) for _, kv in seq_shapes]
     num_blocks = sum(pages) + 3
@@ -65,6 +65,7 @@ def _ms(fn, repeats: int) -> float:
 
 
 def _flex_inputs(inputs, seqs, tables, kv_heads, head_dim):
+    import torch  # noqa: PLC0415
     from torch.nn.attention.flex_attention import create_block_mask  # noqa: PLC0415
 
     q, cache = inputs[0], inputs[3]
@@ -89,6 +90,8 @@ def _flex_inputs(inputs, seqs, tables, kv_heads, head_dim):
 
 
 def main(args: argparse.Namespace) -> None:
+    import torch  # noqa: PLC0415
+
     import engine.attention as attention  # noqa: PLC0415 - registers the op
     from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415
 
@@ -101,6 +104,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace, attention, flex_attention) -> None:
+    import torch  # noqa: PLC0415
+
     dtype = getattr(torch, args.dtype)
     heads, kv_heads, head_dim = args.heads, args.kv_heads, args.head_dim
     flex = torch.compile(flex_attention, dynamic=False)
