@@ -171,9 +171,8 @@ def _deployment(args: argparse.Namespace):
     if h is None:
         h = 0 if (p or d) else 1
     groups = tuple(ReplicaGroup(role, n) for role, n in (("prefill", p), ("decode", d), ("hybrid", h)) if n)
-    routing = args.routing or ("pd" if p else "round_robin")
     try:
-        return DeploymentSpec(groups=groups, routing=routing, offload_threshold=args.offload_threshold,
+        return DeploymentSpec(groups=groups, routing=args.routing, offload_threshold=args.offload_threshold,
                               kv_transport=args.kv_transport, kv_codec=args.kv_codec)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None

@@ -53,9 +53,10 @@ class ReplicaGroup:
 class DeploymentSpec:
     groups: tuple[ReplicaGroup, ...]
     """Replica groups; at least one replica must be able to decode (hybrid or decode)."""
-    routing: str = "round_robin"
+    routing: str | None = None
     """Gateway routing: round_robin, least_loaded (fewest outstanding tokens), or pd
-    (conditional disaggregation: long prompts to a prefill replica when its queue is short)."""
+    (conditional disaggregation: long prompts to a prefill replica when its queue is short).
+    Default, as on the command line: pd when there are prefill replicas, else round_robin."""
     offload_threshold: int = 512
     """pd routing: offload prompts longer than this many tokens."""
     kv_transport: str = "zmq"
@@ -64,6 +65,9 @@ class DeploymentSpec:
     model: str | None = None
 
     def __post_init__(self) -> None:
+        counts = {role: sum(g.count for g in self.groups if g.role == role) for role in ROLES}
+        if self.routing is None:   # frozen: the default is filled in once, here
+            object.__setattr__(self, "routing", "pd" if counts["prefill"] else "round_robin")
         if self.routing not in ROUTING:
             raise ValueError(f"routing must be one of {ROUTING}, got {self.routing!r}")
         if self.kv_transport not in KV_TRANSPORTS:
@@ -72,7 +76,6 @@ class DeploymentSpec:
             raise ValueError(f"kv_codec must be one of {KV_CODECS}, got {self.kv_codec!r}")
         if self.offload_threshold < 1:
             raise ValueError(f"offload_threshold must be >= 1, got {self.offload_threshold!r}")
-        counts = {role: sum(g.count for g in self.groups if g.role == role) for role in ROLES}
         if counts["hybrid"] + counts["decode"] == 0:
             raise ValueError("the deployment needs at least one hybrid or decode replica")
         if counts["prefill"] and not counts["decode"]:
@@ -112,7 +115,8 @@ class DeploymentSpec:
 
 
 ENGINE_KEYS = ("dtype", "kv_cache_gb", "num_kv_blocks", "threads")
-SCHEDULER_KEYS = {"scheduler": "policy", "token_budget": "token_budget", "max_num_seqs": "max_num_seqs",
+SCHEDULER_KEYS = {"scheduler": "policy", "token_budget": "token_budget",
+                  "idle_token_budget": "idle_token_budget", "max_num_seqs": "max_num_seqs",
                   "max_batched_tokens": "max_batched_tokens", "watermark": "watermark"}
 
 

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+
 from engine.config import EngineConfig
 from engine.model_config import ModelConfig
 from engine.protocol import ReplicaStats, RequestOutput
@@ -26,12 +28,14 @@ class EngineCore:
         self.model_config = ModelConfig.from_dir(config.model_dir)
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
         self.runner = ModelRunner(config, self.model_config, keep_logits=keep_logits)
-        step_model = None
-        if config.scheduler.budget.kind == "profiled":
+        sched_config, step_model = config.scheduler, None
+        if sched_config.budget.kind == "profiled":
             from engine.profiler import load_or_profile  # noqa: PLC0415 - only this mode needs it
 
-            step_model = load_or_profile(self.runner, config.scheduler)
-        self.scheduler = make_scheduler(config.scheduler, self.runner.num_blocks, step_model)
+            step_model = load_or_profile(self.runner, sched_config)
+            if step_model is None:   # too few samples to fit: start, on the static budget
+                sched_config = replace(sched_config, budget=replace(sched_config.budget, kind="static"))
+        self.scheduler = make_scheduler(sched_config, self.runner.num_blocks, step_model)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._queue_time_sent: set[str] = set()

@@ -80,7 +80,10 @@ def load_profile(path: str | Path) -> list[ProfileSample]:
     return samples_from_json(json.loads(Path(path).read_text())["samples"])
 
 
-def load_or_profile(runner: ModelRunner, config: SchedulerConfig) -> StepTimeModel:
+def load_or_profile(runner: ModelRunner, config: SchedulerConfig) -> StepTimeModel | None:
+    """The step-time model of `--budget profiled`, from --profile-file or a profile run now; None
+    (with a warning) when there are too few samples to fit one (a small KV cache or context skips
+    most of the grid), so the replica starts with the static budget instead of failing."""
     path = config.budget.profile_path
     if path and Path(path).exists():
         samples = load_profile(path)
@@ -90,4 +93,9 @@ def load_or_profile(runner: ModelRunner, config: SchedulerConfig) -> StepTimeMod
         samples = profile(runner, config)
         if path:
             save_profile(samples, path)
-    return StepTimeModel.fit(samples)
+    try:
+        return StepTimeModel.fit(samples)
+    except ValueError as e:
+        log.warning("--budget profiled: %s; using the static --token-budget %d instead",
+                    e, config.token_budget)
+        return None

@@ -224,3 +224,22 @@ def test_feedback_budget_ignores_steps_without_decodes():
     for _ in range(40):
         ctl.observe(stats(1.0, 256, prefill=256, decode=0))
     assert ctl.value == 256
+
+
+def test_profiled_budget_with_too_few_samples_starts_on_the_static_budget(tiny_model_dir, tmp_path):
+    """A profile too small to fit (a small cache or context skips most of the grid) must not stop
+    the replica: it serves with --token-budget and says so in the log."""
+    from engine.config import EngineConfig
+    from engine.core import EngineCore
+    from engine.profiler import save_profile
+    from scheduler.budget import ProfileSample, StaticBudget
+    from scheduler.config import BudgetConfig, SchedulerConfig
+
+    path = tmp_path / "profile.json"
+    save_profile([ProfileSample(64, 1, 128, 0.01), ProfileSample(128, 1, 128, 0.02)], path)
+    engine = EngineCore(EngineConfig(
+        model_dir=str(tiny_model_dir), dtype="float32", num_kv_blocks=64,
+        scheduler=SchedulerConfig(token_budget=48, max_num_seqs=8, max_model_len=256,
+                                  budget=BudgetConfig(kind="profiled", profile_path=str(path)))))
+    assert isinstance(engine.scheduler.budget, StaticBudget)
+    assert engine.scheduler.budget.value == 48

@@ -38,3 +38,21 @@ def test_threads_default_to_an_even_share_but_at_least_one():
     spec = DeploymentSpec(groups=(ReplicaGroup("hybrid", 3),))
     assert [t for *_, t in spec.replicas(cores=2)] == [1, 1, 1]
     assert [t for *_, t in DeploymentSpec(groups=(ReplicaGroup(),)).replicas(cores=2)] == [2]
+
+
+@pytest.mark.parametrize("replicas, routing", [
+    ("[{role: prefill}, {role: decode}]", "pd"),            # as `--prefill-replicas` does
+    ("[{role: hybrid, count: 2}]", "round_robin"),
+])
+def test_spec_routing_defaults_like_the_command_line(replicas, routing):
+    assert DeploymentSpec.from_yaml(f"replicas: {replicas}").routing == routing
+    explicit = DeploymentSpec.from_yaml(f"routing: least_loaded\nreplicas: {replicas}")
+    assert explicit.routing == "least_loaded"
+
+
+def test_idle_token_budget_is_a_replica_setting(tiny_model_dir):
+    from cluster.spec import apply_overrides
+    from engine.config import EngineConfig
+
+    cfg = apply_overrides(EngineConfig(model_dir=str(tiny_model_dir)), {"idle_token_budget": 64})
+    assert cfg.scheduler.idle_token_budget == 64
