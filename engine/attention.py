@@ -200,6 +200,8 @@ class PagedKVLayout(NamedTuple):
     """[total pages]: the cache blocks of every sequence, in order."""
     last_page_len: np.ndarray
     """[S]: tokens in each sequence's last page (1..block_size)."""
+    batch_indices: np.ndarray
+    """[T]: the sequence of each query row (FlashInfer's `append_paged_kv_cache` takes it)."""
 
 
 def paged_kv_layout(batch: StepBatch, block_size: int) -> PagedKVLayout:
@@ -214,7 +216,8 @@ def paged_kv_layout(batch: StepBatch, block_size: int) -> PagedKVLayout:
     in_use = np.arange(batch.block_table.shape[1])[None, :] < pages[:, None]
     kv_indices = batch.block_table[in_use].astype(np.int64)   # row-major: sequence by sequence
     last_page_len = info[:, 2] - (pages - 1) * block_size
-    return PagedKVLayout(qo_indptr, kv_indptr, kv_indices, last_page_len)
+    batch_indices = np.repeat(np.arange(num_seqs, dtype=np.int64), info[:, 1])
+    return PagedKVLayout(qo_indptr, kv_indptr, kv_indices, last_page_len, batch_indices)
 
 
 class FlashInferPagedAttention:
@@ -241,7 +244,6 @@ class FlashInferPagedAttention:
     def plan(self, batch: StepBatch, num_heads: int, num_kv_heads: int, head_dim: int,
              dtype: torch.dtype) -> AttentionInputs:
         pages = paged_kv_layout(batch, self.block_size)
-        info = batch.seq_info
 
         def i32(x) -> torch.Tensor:
             return torch.from_numpy(x).to(device=self.device, dtype=torch.int32)
@@ -250,10 +252,7 @@ class FlashInferPagedAttention:
                               i32(pages.last_page_len))
         self._wrapper.plan(qo, kvp, kvi, last, num_heads, num_kv_heads, head_dim, self.block_size,
                            causal=True, q_data_type=dtype, kv_data_type=dtype)
-        seq_of_row = torch.repeat_interleave(torch.arange(len(info), device=self.device),
-                                             torch.from_numpy(info[:, 1]).to(self.device))
-        positions = torch.from_numpy(batch.positions).to(self.device)
-        self._append = (seq_of_row.int(), positions.int(), kvi, kvp, last)
+        self._append = (i32(pages.batch_indices), i32(batch.positions), kvi, kvp, last)
         slots = torch.from_numpy(batch.slot_mapping).to(self.device)
         return AttentionInputs(slots, torch.empty(0), torch.empty(0), torch.empty(0))
 

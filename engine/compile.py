@@ -11,14 +11,16 @@ Why these choices (measured on the 2-core AVX512-BF16 development VM, SmolLM2-13
   dynamic, so one graph serves every batch size without padding to a bucket. Dynamo specialises
   a size of 1, so the runner pads a lone decode to two rows (the extra row writes into a scratch
   block) and a single logit row to two; a batch-1 step costs the same either way (the GEMMs are
-  bound by reading weights). One graph for bf16/fp32, two with int8 linears (they branch on the
-  row count). Warm-up compiles them all (logged); serving afterwards never recompiles
-  (`recompiles_since_warmup` counts it if it ever does).
+  bound by reading weights). One graph for bf16/fp32; with int8 linears, which branch on the row
+  count, a graph fixed at INT8_MAX_ROWS (2) rows for the int8 kernel and a dynamic one above.
+  Warm-up compiles them all (logged); serving afterwards never recompiles
+  (`recompiles_since_warmup` counts it if it ever does; a test holds it at 0).
 - Freezing makes inductor bypass its FX-graph cache (prepacked oneDNN weights cannot be
-  pickled), so every start re-runs inductor on the graph (~30 s per graph here); the C++ kernels it
-  generates are still cached on disk (`~/.cache/tandem/inductor`, or TORCHINDUCTOR_CACHE_DIR), which
-  saves their gcc time on the next start. Without freezing the cache works but steps are 20-50%
-  slower (measured: batch-1 decode 22.7 vs 18.7 ms, batch 32 78 vs 57 ms), so freezing wins.
+  pickled), so every start re-runs inductor on the graph; the C++ it generates is cached on disk
+  (`~/.cache/tandem/inductor`, or TORCHINDUCTOR_CACHE_DIR), which saves gcc's share on the next
+  start (SmolLM2: 55-60 s on a fresh cache, 32-33 s cached). Without freezing the FX-graph cache
+  works (21 s cached) but steps are 20-50% slower (batch-1 decode 22.7-29.4 vs 18.7 ms, batch 32
+  78-89 vs 57-68 ms), so freezing wins.
 """
 from __future__ import annotations
 
@@ -152,9 +154,7 @@ def compile_runner(runner: "ModelRunner") -> float:
     start = time.perf_counter()
     int8 = runner.config.quantization == "int8"
     compiled = CompiledForward(runner.model, static_rows=INT8_MAX_ROWS if int8 else 1)
-    runner._forward = compiled
-    runner._logits = compiled.compute_logits
-    runner.min_rows = 2
+    runner.use_forward(compiled, compiled.compute_logits, min_rows=2)
     batches = warmup_batches(runner)
     for i, (name, batch) in enumerate(batches, 1):
         t = time.perf_counter()

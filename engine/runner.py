@@ -113,6 +113,11 @@ class ModelRunner:
 
             self.compile_seconds = compile_runner(self)
 
+    def use_forward(self, forward, compute_logits, min_rows: int) -> None:
+        """Run `forward` / `compute_logits` (same signatures as the model's) instead of the model's
+        own, padding every step to `min_rows` rows and logit rows (engine/compile.py)."""
+        self._forward, self._logits, self.min_rows = forward, compute_logits, min_rows
+
     @property
     def recompiles_since_warmup(self) -> int:
         """Graphs compiled after start-up (0 eager, and 0 compiled unless a shape was missed)."""

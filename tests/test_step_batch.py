@@ -72,3 +72,4 @@ def test_flashinfer_layout_of_a_step():
     assert layout.kv_indptr.tolist() == [0, 2, 3, 6, 8]
     assert layout.kv_indices.tolist() == [2, 5, 11, 7, 3, 9, 1, 6]
     assert layout.last_page_len.tolist() == [3, 4, 1, 2]
+    assert layout.batch_indices.tolist() == [0, 1, 2, 2, 2, 2, 2, 3, 3]
