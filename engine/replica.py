@@ -172,16 +172,16 @@ class ReplicaServer:
         iterations = []
         while self._running:
             outputs = self._drain_inputs(self.idle_poll_ms())
-            outputs.extend(self.before_step())
-            if self.engine.has_work():
-                try:
+            try:   # no exception may end the loop: it would strand every request on this replica
+                outputs.extend(self.before_step())
+                if self.engine.has_work():
                     outputs.extend(self.engine.step())
                     self.after_step()
                     iterations.append(self.engine.last_step)
                     self._trace(self.engine.last_step)
-                except Exception as e:
-                    log.exception("step failed")
-                    outputs.extend(self._fail_all(f"replica step failed: {e}"))
+            except Exception as e:
+                log.exception("step failed")
+                outputs.extend(self._fail_all(f"replica step failed: {e}"))
             outputs = self.visible(outputs)
             kv_events = self.kv_events()
             # Inputs (aborts, adds) change the state even when nothing is sent: keep beats fresh.
@@ -199,7 +199,9 @@ class ReplicaServer:
         """After an engine error, end every request with that error rather than hang them."""
         s = self.engine.scheduler
         ids = [r.request_id for r in [*s.running, *s.waiting, *s.remote_prefill.values()]]
-        outputs = self.engine.abort(ids)
+        # Through the node's own abort, so a decode node also cancels the KV transfers writing
+        # into these requests' blocks (and tells their prefill replicas) before the blocks go.
+        outputs = self.handle_abort(protocol.AbortRequests(ids))
         for o in outputs:
             o.finish_reason, o.error = "error", message
         return outputs
@@ -208,6 +210,8 @@ class ReplicaServer:
         self.heartbeat.stop()
         if self.heartbeat.is_alive():
             self.heartbeat.join(timeout=2)
+        else:   # never started (a server closed before `serve`): its socket would block `term`
+            self.heartbeat.sock.close()
         if self._trace_file is not None:
             self._trace_file.close()
         self.inputs.close(linger=0)

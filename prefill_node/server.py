@@ -9,8 +9,9 @@ Request life cycle on this node:
    the transfer overlaps the next chunk's compute;
 3. when the prompt is done (the step samples one token) the last chunk and a "done" frame go out
    and the request ends here; its blocks are freed in that step (the copy was already taken);
-4. if it cannot be admitted, is aborted by the decode side, or the sender fails, an abort frame
-   (or the decode side's timeout) makes the decode replica recompute the prompt itself.
+4. if it cannot be admitted, is aborted by the decode side, ends in a failed step, or the sender
+   fails, an abort frame (or the decode side's timeout) makes the decode replica recompute the
+   prompt itself.
 Nothing of these requests goes to the gateway: the decode replica streams the tokens.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from engine import protocol
 from engine.replica import ReplicaServer
 from kv_transfer import KVSender, TransferState, make_transport
 from kv_transfer.config import KVConfig
-from scheduler.request import Request
+from scheduler.request import FinishReason, Request
 
 log = logging.getLogger("tandem.prefill")
 
@@ -105,6 +106,10 @@ class PrefillServer(ReplicaServer):
     def after_step(self) -> None:
         for rid, push in list(self._pushes.items()):
             r = push.request
+            if r.is_finished and r.finish_reason in (FinishReason.ABORT, FinishReason.ERROR):
+                # Ended here without a prompt to push (its blocks are gone): tell the decode side.
+                self._drop(rid, f"prefill request {r.finish_reason.value}")
+                continue
             done = r.is_finished
             computed = r.num_prompt_tokens if done else r.num_computed_tokens
             if computed < push.sent_upto:   # preempted: it will be recomputed from the start
@@ -119,6 +124,19 @@ class PrefillServer(ReplicaServer):
                 first = r.output_token_ids[0] if r.output_token_ids else -1
                 push.sender.send_done(push.transfer_id, push.target_request_id, first, r.num_prompt_tokens)
                 del self._pushes[rid]
+
+    def _drop(self, rid: str, reason: str) -> None:
+        push = self._pushes.pop(rid)
+        push.sender.send_abort(push.transfer_id, f"prefill replica {self.replica_id}: {reason}",
+                               request_id=push.target_request_id)
+
+    def _fail_all(self, message: str) -> list[protocol.RequestOutput]:
+        """A failed step ends every request here; the decode replicas waiting for their KV hear it
+        now (they recompute) instead of after --kv-timeout, and nothing is pushed from freed
+        blocks on the next turn."""
+        for rid in list(self._pushes):
+            self._drop(rid, message)
+        return super()._fail_all(message)
 
     def visible(self, outputs: list[protocol.RequestOutput]) -> list[protocol.RequestOutput]:
         return [o for o in outputs if not o.request_id.endswith(PREFILL_SUFFIX)]

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from bench.server import local_server
-from prefill_node.server import FAULT_ENV
+from prefill_node.server import FAULT_ENV, PREFILL_SUFFIX
 
 THRESHOLD = 48
 PROMPT_LENS = (12, 30, 60, 150, 400, 90)   # both sides of the threshold
@@ -154,3 +154,90 @@ def test_pd_equals_colocated_on_smollm2(smollm2_dir):
                        "--offload-threshold", "64", "--kv-codec", "raw"]) as srv:
         assert run(srv.url) == colocated_out
         assert health(srv.url)["routing"].get("offload", 0) == sum(len(c) > 64 for c in chats) >= 2
+
+
+def test_failed_prefill_step_aborts_its_pushes(tiny_model_dir, tmp_path):
+    """In process: after a step fails on a prefill node, the decode side is told at once (abort),
+    and the next loop turn pushes nothing from the freed blocks (it used to raise there, failing
+    every following step until the sender timed out)."""
+    from engine import protocol
+    from engine.config import EngineConfig
+    from kv_transfer import KVSender
+    from kv_transfer.config import KVConfig
+    from kv_transfer.transport import FakeTransport
+    from prefill_node.server import PrefillServer
+    from scheduler.config import SchedulerConfig
+    from scheduler.request import SamplingParams
+
+    cfg = EngineConfig(model_dir=str(tiny_model_dir), dtype="float32", num_kv_blocks=64, scheduler=SchedulerConfig(
+        token_budget=32, idle_token_budget=0, max_num_seqs=8, max_model_len=512))
+    server = PrefillServer("prefill-t", cfg, f"ipc://{tmp_path}/in", f"ipc://{tmp_path}/out", KVConfig())
+    try:
+        sender = KVSender(FakeTransport.pair()[0], background=False)
+        server._senders["decode-t"] = sender
+        target = {"transfer_id": "t1", "request_id": "r1", "dst_block_ids": list(range(7)),
+                  "kv_addr": "decode-t"}
+        server.handle_add(protocol.AddRequest("r1" + PREFILL_SUFFIX, list(range(100, 200)),
+                                              SamplingParams(max_tokens=1), time.time(), kv_target=target))
+        server.before_step()
+        server.engine.step()
+        server.after_step()                          # the first 32-token chunk went out
+        failed = server._fail_all("replica step failed: injected")
+        assert [o.finish_reason for o in failed] == ["error"]
+        assert [(e.transfer_id, e.reason) for e in sender.poll()] == [("t1", "abort")]
+        server.before_step()
+        server.after_step()                          # nothing left to push, nothing raised
+        assert server.engine.scheduler.block_manager.num_free_blocks == server.engine.runner.num_blocks
+    finally:
+        server.close()
+
+
+def test_failed_decode_step_cancels_pending_transfers(tiny_model_dir, tmp_path):
+    """In process: a failed step on a decode node ends its remote-prefill requests through the
+    node's abort: the transfer writing into their blocks is cancelled and the prefill replica told,
+    so a late "done" is dropped instead of reaching a request that no longer exists."""
+    import zmq
+
+    from decode_node.server import DecodeServer
+    from engine import protocol
+    from engine.config import EngineConfig
+    from kv_transfer import KVSender
+    from kv_transfer.config import KVConfig
+    from kv_transfer.transport import make_transport
+    from scheduler.config import SchedulerConfig
+    from scheduler.request import SamplingParams
+
+    cfg = EngineConfig(model_dir=str(tiny_model_dir), dtype="float32", num_kv_blocks=64, scheduler=SchedulerConfig(
+        token_budget=32, max_num_seqs=8, max_model_len=512))
+    server = DecodeServer("decode-t", cfg, f"ipc://{tmp_path}/in", f"ipc://{tmp_path}/out",
+                          KVConfig(kv_addr=f"ipc://{tmp_path}/kv"))
+    prefill_inbox = server.ctx.socket(zmq.PULL)
+    prefill_inbox.bind(f"ipc://{tmp_path}/prefill")
+    sender = KVSender(make_transport("zmq", "sender", address=server.kv_addr), background=False)
+    try:
+        prompt = list(range(100, 200))
+        server.handle_add(protocol.AddRequest(
+            "r1", prompt, SamplingParams(max_tokens=4), time.time(),
+            remote_prefill={"transfer_id": "t1", "prefill_addr": f"ipc://{tmp_path}/prefill",
+                            "prefill_replica": "prefill-0"}))
+        assert prefill_inbox.poll(5000), "the prefill replica was not asked"
+        asked = protocol.decode(prefill_inbox.recv())
+        failed = server._fail_all("replica step failed: injected")
+        assert [(o.request_id, o.finish_reason) for o in failed] == [("r1", "error")]
+        assert prefill_inbox.poll(5000)
+        told = protocol.decode(prefill_inbox.recv())
+        assert isinstance(told, protocol.AbortRequests) and told.request_ids == [asked.request_id]
+        # The prefill side's KV arrives anyway: it is dropped, not written into freed blocks.
+        target = asked.kv_target
+        sender.send_chunk("t1", "r1", server.engine.runner.kv_caches, target["dst_block_ids"],
+                          target["dst_block_ids"], 0, len(prompt))
+        sender.send_done("t1", "r1", 7, len(prompt))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            assert server.before_step() == []
+            time.sleep(0.05)
+        assert server.engine.scheduler.block_manager.num_free_blocks == server.engine.runner.num_blocks
+    finally:
+        sender.close()
+        prefill_inbox.close(linger=0)
+        server.close()
