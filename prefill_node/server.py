@@ -25,7 +25,7 @@ from engine import protocol
 from engine.replica import ReplicaServer
 from kv_transfer import KVSender, TransferState, make_transport
 from kv_transfer.config import KVConfig
-from scheduler.request import FinishReason, Request
+from scheduler.request import Request
 
 log = logging.getLogger("tandem.prefill")
 
@@ -106,10 +106,6 @@ class PrefillServer(ReplicaServer):
     def after_step(self) -> None:
         for rid, push in list(self._pushes.items()):
             r = push.request
-            if r.is_finished and r.finish_reason in (FinishReason.ABORT, FinishReason.ERROR):
-                # Ended here without a prompt to push (its blocks are gone): tell the decode side.
-                self._drop(rid, f"prefill request {r.finish_reason.value}")
-                continue
             done = r.is_finished
             computed = r.num_prompt_tokens if done else r.num_computed_tokens
             if computed < push.sent_upto:   # preempted: it will be recomputed from the start
