@@ -16,15 +16,15 @@ from pathlib import Path
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 WORKLOAD_EPILOG = """\
-workload examples:
+workload examples (TRACES: a folder of Sarathi-Serve / Splitwise length-trace CSVs):
   --qps 4 --prompt-len 256 --output-len 64                        fixed lengths, Poisson arrivals
   --arrival gamma --cv 3 --qps 4                                   bursty arrivals
   --length-dist lognormal --prompt-len 256 --sigma 0.8             lognormal lengths (means given)
   --length-dist zipf --prompt-len 200 --max-prompt-tokens 2000     heavy-tailed lengths
   --length-dist chat-doc --doc-fraction 0.2 --doc-prompt-len 2048  chat + long documents
-  --trace-csv /work/shared/traces/arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv \\
+  --trace-csv TRACES/arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv \\
       --length-scale 0.25 --max-prompt-tokens 1024 --max-output-tokens 128 --qps 1
-  --trace-csv /work/shared/traces/splitwise_conv.csv --arrival trace --length-scale 0.25
+  --trace-csv TRACES/splitwise_conv.csv --arrival trace --length-scale 0.25
   --trace-jsonl trace.jsonl            replay {"arrival_s", "prompt_tokens", "output_tokens"} lines
 Prompts are words that are one token each for SmolLM2/Llama/GPT-2 style tokenizers (see
 --tokens-per-word), or exact token ids with --token-ids."""

@@ -177,7 +177,7 @@ def zipf_lengths(n: int, mean: float, cap: int, rng: np.random.Generator) -> np.
 
 @dataclass
 class CsvTrace:
-    """A length trace in the format of /work/shared/traces: `num_prefill_tokens`,
+    """A length trace in the Sarathi-Serve / Splitwise CSV format: `num_prefill_tokens`,
     `num_decode_tokens`, and (Azure traces) `arrived_at` in seconds."""
     prompt_tokens: np.ndarray
     output_tokens: np.ndarray
@@ -253,7 +253,7 @@ class WorkloadConfig:
     doc_fraction: float = 0.2
     """chat-doc: share of requests that are long documents."""
     trace_csv: str | None = None
-    """CSV length trace (read in place, e.g. /work/shared/traces/splitwise_conv.csv)."""
+    """CSV length trace (read in place, e.g. TRACES/splitwise_conv.csv)."""
     trace_jsonl: str | None = None
     """JSONL trace replayed as is (arrivals and lengths)."""
     length_scale: float = 1.0
