@@ -4,7 +4,8 @@ Request life cycle on this node:
 1. the gateway sends `AddRequest(remote_prefill={transfer_id, prefill_replica, prefill_addr})`
    for a long prompt (short ones come plain and are prefilled here, stall-free);
 2. we reserve blocks for the whole prompt (BOOTSTRAP -> WAITING); if they are not free right
-   now the request simply queues for a local prefill instead;
+   now, or earlier requests are waiting for memory (FCFS: no overtaking), the request simply
+   queues for a local prefill instead;
 3. we send the prompt to the prefill node with `kv_target` = our KV address and those block ids
    (request id `<id>/prefill`), and expect the transfer;
 4. every loop turn `KVReceiver.poll` writes arriving KV into the reserved blocks
@@ -75,7 +76,7 @@ class DecodeServer(ReplicaServer):
         if info is None:
             return super().handle_add(msg)
         result = self.engine.add_remote_prefill(msg.request_id, msg.prompt_token_ids, msg.sampling)
-        if result is None:   # no room right now: queued for a local prefill
+        if result is None:   # no room now, or others wait for memory: queued for a local prefill (FCFS)
             self._events.append({"state": "skipped", "reason": "no_free_blocks", "fallback": "local"})
             return []
         if isinstance(result, protocol.RequestOutput):

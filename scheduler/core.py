@@ -121,10 +121,13 @@ class Scheduler:
     def add_remote_prefill(self, request: Request) -> bool:
         """Reserve blocks for the whole prompt now; its KV will be pushed by a prefill replica.
 
-        Returns False (nothing changed) when the blocks or a batch slot are not free right now:
-        the caller then prefills locally with `add_request`.
+        Returns False (nothing changed) when the blocks or a batch slot are not free right now, or
+        when earlier requests are waiting (reserving now would let this one overtake them): the
+        caller then queues it, FCFS, for a local prefill with `add_request`.
         """
         self._validate(request)
+        if self.waiting:
+            return False
         if len(self.running) + len(self.remote_prefill) >= self.config.max_num_seqs:
             return False
         keep_free = self.watermark_blocks if self.running else 0
@@ -135,25 +138,33 @@ class Scheduler:
         self.remote_prefill[request.request_id] = request
         return True
 
-    def remote_prefill_done(self, request_id: str, now: float) -> None:
+    def remote_prefill_done(self, request_id: str, now: float) -> bool:
         """The prompt's KV has landed: the request joins the running batch.
 
         All prompt tokens but the last count as computed; computing the last one here samples
         the first output token through the ordinary `update`, so sampling (seeds included) is
-        exactly what a colocated replica would do.
+        exactly what a colocated replica would do. Returns False (and changes nothing) for a
+        request that is no longer waiting for KV (it ended meanwhile): a late "done" is harmless.
         """
-        request = self.remote_prefill.pop(request_id)
+        request = self.remote_prefill.pop(request_id, None)
+        if request is None:
+            return False
         request.num_computed_tokens = request.num_prompt_tokens - 1
         request.status = RequestStatus.RUNNING
         request.first_scheduled_time = now
         self.running.append(request)
+        return True
 
-    def remote_prefill_failed(self, request_id: str) -> None:
-        """The transfer failed or timed out: drop the partial KV and prefill locally, first in line."""
-        request = self.remote_prefill.pop(request_id)
+    def remote_prefill_failed(self, request_id: str) -> bool:
+        """The transfer failed or timed out: drop the partial KV and prefill locally, first in line.
+        Returns False (nothing changed) for a request no longer waiting for KV."""
+        request = self.remote_prefill.pop(request_id, None)
+        if request is None:
+            return False
         self.block_manager.free(request)
         request.num_computed_tokens = 0
         self.waiting.appendleft(request)
+        return True
 
     def get(self, request_id: str) -> Request | None:
         return self._by_id.get(request_id)

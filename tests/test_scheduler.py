@@ -232,6 +232,34 @@ def test_remote_prefill_refused_when_blocks_are_short():
     assert sched.get("r1") is None
 
 
+def test_remote_prefill_does_not_overtake_requests_waiting_for_memory():
+    cfg = SchedulerConfig(token_budget=64, max_num_seqs=4, block_size=4, max_model_len=256, watermark=0.0)
+    sched = make_scheduler(cfg, 8)
+    first = make_request(0, 24, 4)                  # 6 blocks, running
+    sched.add_request(first)
+    sched.update(sched.schedule(0.0), {"r0": 5}, 0.0)
+    waiting = make_request(1, 12, 4)                # needs 3 blocks, 2 free: waits
+    sched.add_request(waiting)
+    assert [c.request for c in sched.schedule(0.1).chunks] == [first]
+    late = make_request(2, 4, 2)                    # 1 block would fit, but it came later
+    assert not sched.add_remote_prefill(late)
+    assert late.block_ids == [] and sched.get("r2") is None
+    sched.add_request(late)                         # the caller's fallback: FCFS, behind r1
+    assert list(sched.waiting) == [waiting, late]
+
+
+def test_late_transfer_events_for_ended_requests_are_ignored():
+    cfg = SchedulerConfig(token_budget=16, max_num_seqs=4, block_size=4, max_model_len=256)
+    sched = make_scheduler(cfg, 32)
+    r = make_request(0, 10, 3)
+    assert sched.add_remote_prefill(r)
+    sched.finish("r0", FinishReason.ABORT)
+    assert not sched.remote_prefill_done("r0", 1.0)
+    assert not sched.remote_prefill_failed("r0")
+    assert not sched.has_work() and sched.block_manager.num_free_blocks == 32
+    sched.check_integrity()
+
+
 def test_gateway_and_cli_do_not_load_torch():
     code = ("import sys, gateway.app, cluster.cli; cluster.cli.build_parser(); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
