@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,11 +12,7 @@ from collections.abc import Iterator
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cluster.net import free_port  # also imported from here by bench and the tests
 
 
 @dataclass
@@ -28,12 +23,13 @@ class LocalServer:
 
 @contextmanager
 def local_server(serve_args: list[str], ready_timeout: float = 180.0,
-                 quiet: bool = True) -> Iterator[LocalServer]:
+                 quiet: bool = True, log_file=None) -> Iterator[LocalServer]:
     """Run `tandem serve SERVE_ARGS --port <free>` until the block ends (SIGINT, then SIGKILL).
-    Yields once /health reports every replica ready ("ok")."""
+    Yields once /health reports every replica ready ("ok"). `log_file` (an open file) gets the
+    server's stdout and stderr instead of discarding them (quiet) or sharing ours."""
     port = free_port()
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), *serve_args]
-    out = subprocess.DEVNULL if quiet else None
+    out = log_file if log_file is not None else subprocess.DEVNULL if quiet else None
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=out, stderr=out,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -179,20 +180,33 @@ def _deployment(args: argparse.Namespace):
 
 
 def _replica_specs(deployment, base_cfg, launcher, kv_timeout_s: float):
-    """One ReplicaSpec per replica: engine overrides, a thread share, and KV wiring."""
+    """One ReplicaSpec per replica: engine overrides, a thread share, a device (a bare `cuda` with
+    several replicas: replica i on cuda:i), and KV wiring (torch transport: each node's rank; the
+    node picks Gloo or NCCL from its engine device)."""
+    from cluster.devices import check_kv_devices, replica_devices
     from cluster.launcher import ReplicaSpec
+    from cluster.net import free_port
     from cluster.spec import apply_overrides
     from kv_transfer.config import KVConfig
 
     replicas = deployment.replicas()
     kv_nodes = [rid for rid, g, _ in replicas if g.role in ("prefill", "decode")]
     ranks = {rid: i for i, rid in enumerate(kv_nodes)}
-    from bench.server import free_port
+    try:
+        devices = replica_devices(base_cfg.device, [rid for rid, _, _ in replicas])
+        if deployment.kv_transport == "torch":
+            check_kv_devices({rid: devices[rid] for rid in kv_nodes})
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
     port = free_port() if deployment.kv_transport == "torch" else None
     specs = []
     for rid, group, threads in replicas:
-        cfg = apply_overrides(replace(base_cfg, threads=base_cfg.threads or threads), group.overrides)
+        try:
+            cfg = apply_overrides(replace(base_cfg, threads=base_cfg.threads or threads,
+                                          device=devices[rid]), group.overrides)
+        except ValueError as e:
+            raise SystemExit(f"error: replica {rid}: {e}") from None
         kv = KVConfig(transport=deployment.kv_transport, codec=deployment.kv_codec, timeout_s=kv_timeout_s)
         if group.role == "decode" and deployment.kv_transport == "zmq":
             kv = replace(kv, kv_addr=launcher.ipc_addr(f"{rid}-kv"))
@@ -219,6 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 async def _serve_gateway(args, engine_cfg, launcher, deployment) -> None:
     import uvicorn
 
+    from cluster.launcher import Supervisor
     from engine.tokenizer import Tokenizer
     from gateway.app import create_app
     from gateway.config import GatewayConfig
@@ -240,15 +255,23 @@ async def _serve_gateway(args, engine_cfg, launcher, deployment) -> None:
     app = create_app(gw_cfg, Tokenizer.from_dir(engine_cfg.model_dir), pool)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
 
+    def may_restart(rid: str) -> bool:
+        if pool.replicas[rid].ready is None:
+            return False   # it never came up: a configuration problem, restarting will not help
+        if launcher.specs[rid].role != "hybrid" and deployment.kv_transport == "torch":
+            log.error("replica %s cannot rejoin the torch.distributed KV group; not restarting it", rid)
+            return False
+        return True
+
+    supervisor = Supervisor(launcher, on_exit=lambda rid, code: pool.replica_lost(
+        rid, f"its process exited with code {code}"), may_restart=may_restart)
+
     async def watch_replicas() -> None:
         ready = asyncio.create_task(pool.wait_ready(gw_cfg.replica_ready_timeout_s))
-        reported: set[str] = set()
         while True:
-            dead = launcher.dead()
-            for rid in set(dead) - reported:
-                log.error("replica %s exited with %s", rid, dead[rid])
-                reported.add(rid)
-            if all(rid in dead for rid, s in launcher.specs.items() if s.role != "prefill"):
+            supervisor.poll(time.monotonic())
+            given_up = supervisor.given_up
+            if all(rid in given_up for rid, s in launcher.specs.items() if s.role != "prefill"):
                 log.error("no replica that can decode is left; stopping")
                 server.should_exit = True
                 return
@@ -259,7 +282,7 @@ async def _serve_gateway(args, engine_cfg, launcher, deployment) -> None:
                     return
                 log.info("serving %s on http://%s:%d/v1", engine_cfg.model_name, args.host, args.port)
                 ready = asyncio.get_running_loop().create_future()  # log once, keep watching
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.2)
 
     watcher = asyncio.create_task(watch_replicas())
     try:
@@ -374,9 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.kv_accuracy import add_parser as add_kv_accuracy_parser
     from bench.pd_bench import add_parser as add_pd_parser
     from bench.stall import add_parser as add_stall_parser
+    from bench.chaos import add_parser as add_chaos_parser
 
     add_bench_commands(sub)
     add_stall_parser(sub)
+    add_chaos_parser(sub)
     add_feedback_parser(sub, _add_engine_args)
     add_kv_parser(sub)
     add_pd_parser(sub)

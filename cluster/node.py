@@ -18,12 +18,19 @@ log = logging.getLogger("tandem.node")
 
 def build_server(role: str, replica_id: str, config: EngineConfig, input_addr: str,
                  output_addr: str, kv: KVConfig) -> ReplicaServer:
+    if config.device.startswith("cuda:"):
+        # Bind the process to its GPU (the launcher gives each replica its own, cuda:i), so work
+        # that uses "the current device" (NCCL, kernels, workspaces) lands there too.
+        torch.cuda.set_device(torch.device(config.device))
     if role == "hybrid":
         return ReplicaServer(replica_id, config, input_addr, output_addr)
     if kv.transport == "torch":
         from kv_transfer.torch_transport import init_process_group  # noqa: PLC0415 - torch transport only
 
-        init_process_group(kv.rank, kv.world_size, kv.master_port, timeout_s=kv.timeout_s * 4)
+        # The backend follows the engine's device: gloo for CPU engines, nccl (on this GPU) for
+        # CUDA ones; the transports then default to that device.
+        init_process_group(kv.rank, kv.world_size, kv.master_port, device=config.device,
+                           timeout_s=kv.timeout_s * 4)
     if role == "prefill":
         from prefill_node.server import PrefillServer  # noqa: PLC0415
 

@@ -45,8 +45,8 @@ class ReplicaGroup:
             raise ValueError(f"replica role must be one of {ROLES}, got {self.role!r}")
         if not isinstance(self.count, int) or self.count < 0:
             raise ValueError(f"replica count must be an integer >= 0, got {self.count!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,13 @@ class DeploymentSpec:
         cores = cores or os.cpu_count() or 1
         share = max(1, cores // max(1, self.num_replicas))
         out = []
+        # Numbered per role across groups: ids key the gateway's pool, the launcher and the ipc
+        # paths, so two groups of one role (say, different budgets) must not both get `hybrid-0`.
+        seen = dict.fromkeys(ROLES, 0)
         for g in self.groups:
-            for i in range(g.count):
-                out.append((f"{g.role}-{i}", g, g.threads or share))
+            for _ in range(g.count):
+                out.append((f"{g.role}-{seen[g.role]}", g, g.threads or share))
+                seen[g.role] += 1
         return out
 
     @classmethod
@@ -128,6 +132,12 @@ def apply_overrides(engine_cfg, overrides: dict[str, Any]):
     if unknown:
         raise ValueError(f"unknown replica settings {sorted(unknown)}; allowed: "
                          f"{sorted([*ENGINE_KEYS, *SCHEDULER_KEYS])}")
-    sched = replace(engine_cfg.scheduler, **{SCHEDULER_KEYS[k]: v for k, v in overrides.items()
-                                            if k in SCHEDULER_KEYS})
-    return replace(engine_cfg, scheduler=sched, **{k: v for k, v in overrides.items() if k in ENGINE_KEYS})
+    try:
+        sched = replace(engine_cfg.scheduler, **{SCHEDULER_KEYS[k]: v for k, v in overrides.items()
+                                                if k in SCHEDULER_KEYS})
+        return replace(engine_cfg, scheduler=sched,
+                       **{k: v for k, v in overrides.items() if k in ENGINE_KEYS})
+    except (TypeError, ValueError) as e:
+        # A YAML value of the wrong type (`watermark: high`) fails a comparison with a TypeError
+        # that names nothing; either way, say which replica settings were being applied.
+        raise ValueError(f"bad replica settings {overrides}: {e}") from None

@@ -11,8 +11,9 @@ Request life cycle on this node:
 4. every loop turn `KVReceiver.poll` writes arriving KV into the reserved blocks
    (TRANSFERRING); on "done" the request joins the running batch with all prompt tokens but the
    last computed -- the next step computes that one and samples the first token here;
-5. on any failure (checksum, lost frame, abort, no progress within the timeout) the partial KV is
-   dropped and the prompt is recomputed locally, first in line; the prefill node is told to stop;
+5. on any failure (checksum, lost frame, abort, no progress within the timeout, or the gateway
+   reporting the prefill replica lost) the partial KV is dropped and the prompt is recomputed
+   locally, first in line; the prefill node is told to stop;
 6. decoding, streaming, finishing and aborting are the hybrid replica's, and every path frees the
    request's blocks (an abort while waiting for KV also cancels the transfer).
 """
@@ -110,7 +111,7 @@ class DecodeServer(ReplicaServer):
                     continue
                 if event.state is TransferState.DONE:
                     self.engine.scheduler.remote_prefill_done(event.request_id, now)
-                    self._events.append({"state": "done", "codec": self.kv.codec,
+                    self._events.append({"state": "done", "codec": event.codec or "none",
                                          "wire_bytes": event.wire_bytes, "raw_bytes": event.raw_bytes,
                                          "latency_s": event.latency_s})
                 else:
@@ -120,8 +121,25 @@ class DecodeServer(ReplicaServer):
                     self._to_prefill(info["prefill_addr"],
                                      protocol.AbortRequests([event.request_id + PREFILL_SUFFIX]))
                     self._events.append({"state": "failed", "reason": event.reason or "error",
-                                         "codec": self.kv.codec, "fallback": "recompute"})
+                                         "codec": event.codec or "none", "fallback": "recompute"})
         return []
+
+    def handle_peer_lost(self, msg: protocol.PeerLost) -> list[protocol.RequestOutput]:
+        """A prefill replica died: its prompts will never arrive, so recompute them here now
+        (first in line) rather than after --kv-timeout."""
+        lost = [rid for rid, info in self._pending.items() if info["prefill_replica"] == msg.replica_id]
+        for rid in lost:
+            info = self._pending.pop(rid)
+            self._receiver(info).cancel(info["transfer_id"])
+            self.engine.scheduler.remote_prefill_failed(rid)
+            self._events.append({"state": "failed", "reason": "peer_lost", "codec": self.kv.codec,
+                                 "fallback": "recompute"})
+        if lost:
+            log.warning("prefill replica %s lost; recomputing %d prompts locally", msg.replica_id, len(lost))
+        return []
+
+    def live_transfers(self) -> int:
+        return len(self._pending)
 
     def kv_events(self) -> list[dict]:
         events, self._events = self._events, []

@@ -6,8 +6,9 @@ the gateway binds one PULL socket for the outputs of all replicas (each replica 
 gateway -> replica                          replica -> gateway
   AddRequest   one request to serve           ReplicaReady  once, after the model is loaded
   AbortRequests ids to drop (frees blocks)    StepOutputs   new tokens/text per request + stats,
-  Shutdown     finish and exit                              after every step that produced any,
-                                                            and as a heartbeat when idle
+  PeerLost     another replica died: drop                   after every step that produced any,
+               KV transfers with it                         and as a heartbeat when idle
+  Shutdown     finish and exit
 """
 from __future__ import annotations
 
@@ -39,6 +40,16 @@ class AddRequest:
 class AbortRequests:
     KIND: ClassVar[str] = "abort"
     request_ids: list[str]
+
+
+@dataclass
+class PeerLost:
+    """The gateway lost `replica_id` (its process exited or its socket dropped). A decode replica
+    recomputes the prompts that replica was prefilling for it; a prefill replica stops pushing KV
+    to it. Waiting for --kv-timeout instead would stall those requests for no reason."""
+
+    KIND: ClassVar[str] = "peer_lost"
+    replica_id: str
 
 
 @dataclass
@@ -79,6 +90,9 @@ class RequestOutput:
     """Per new token, if the request asked: [token id, logprob, [[alt id, logprob], ...]]."""
     prompt_logprobs: list[list | None] | None = None
     """With the first output, if the request asked: one entry per prompt token (first None)."""
+    retryable: bool = False
+    """With finish_reason "error": the request itself was fine, its replica was lost; the client
+    may send it again (the gateway answers 503 + Retry-After)."""
 
 
 @dataclass
@@ -95,6 +109,8 @@ class ReplicaStats:
     token_budget: int = 0
     max_num_seqs: int = 0
     """Most requests the replica runs at once (0: unknown); the gateway's admission uses it."""
+    num_live_transfers: int = 0
+    """KV transfers in flight here: prompts a decode replica awaits, pushes a prefill replica owes."""
 
 
 @dataclass
@@ -111,7 +127,7 @@ class StepOutputs:
     {"state": "failed", "reason": "timeout", "fallback": "recompute"}."""
 
 
-Message = AddRequest | AbortRequests | Shutdown | ReplicaReady | StepOutputs
+Message = AddRequest | AbortRequests | PeerLost | Shutdown | ReplicaReady | StepOutputs
 
 
 def encode(msg: Message) -> bytes:
@@ -130,6 +146,8 @@ def decode(data: bytes) -> Message:
         return AddRequest(**body)
     if kind == AbortRequests.KIND:
         return AbortRequests(**body)
+    if kind == PeerLost.KIND:
+        return PeerLost(**body)
     if kind == Shutdown.KIND:
         return Shutdown()
     if kind == ReplicaReady.KIND:

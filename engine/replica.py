@@ -21,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 import zmq
@@ -72,7 +72,8 @@ class Heartbeat(threading.Thread):
 
 class ReplicaServer:
     """The hybrid replica; prefill and decode nodes subclass it and fill in the hooks
-    (`handle_add`, `handle_abort`, `before_step`, `after_step`, `visible`, `idle_poll_ms`)."""
+    (`handle_add`, `handle_abort`, `handle_peer_lost`, `before_step`, `after_step`, `visible`,
+    `live_transfers`, `idle_poll_ms`)."""
 
     role = "hybrid"
 
@@ -112,6 +113,17 @@ class ReplicaServer:
     def handle_abort(self, msg: protocol.AbortRequests) -> list[protocol.RequestOutput]:
         return self.engine.abort(msg.request_ids)
 
+    def handle_peer_lost(self, msg: protocol.PeerLost) -> list[protocol.RequestOutput]:
+        """Another replica died; a hybrid replica shares nothing with its peers."""
+        return []
+
+    def live_transfers(self) -> int:
+        """KV transfers in flight on this replica (nodes override)."""
+        return 0
+
+    def stats(self) -> protocol.ReplicaStats:
+        return replace(self.engine.stats(), num_live_transfers=self.live_transfers())
+
     def visible(self, outputs: list[protocol.RequestOutput]) -> list[protocol.RequestOutput]:
         """The outputs the gateway should see (nodes hide their internal requests)."""
         return outputs
@@ -145,6 +157,8 @@ class ReplicaServer:
             return self.handle_add(msg)
         if isinstance(msg, protocol.AbortRequests):
             return self.handle_abort(msg)
+        if isinstance(msg, protocol.PeerLost):
+            return self.handle_peer_lost(msg)
         if isinstance(msg, protocol.Shutdown):
             self._running = False
             return []
@@ -167,7 +181,7 @@ class ReplicaServer:
 
     def serve(self) -> None:
         self._send(self.ready_frame())
-        self.heartbeat.stats = self.engine.stats()
+        self.heartbeat.stats = self.stats()
         self.heartbeat.start()
         iterations = []
         while self._running:
@@ -185,7 +199,7 @@ class ReplicaServer:
             outputs = self.visible(outputs)
             kv_events = self.kv_events()
             # Inputs (aborts, adds) change the state even when nothing is sent: keep beats fresh.
-            self.heartbeat.stats = stats = self.engine.stats()
+            self.heartbeat.stats = stats = self.stats()
             if outputs or iterations or kv_events:
                 self._send(protocol.StepOutputs(self.replica_id, outputs, stats, iterations, kv_events))
                 iterations = []

@@ -116,13 +116,17 @@ def create_app(config: GatewayConfig, tokenizer: Tokenizer, pool: ReplicaPool) -
                 "num_free_blocks": r.stats.num_free_blocks,
                 "num_blocks": r.stats.num_blocks,
                 "kv_cache_usage": r.stats.kv_cache_usage,
+                "num_live_transfers": r.stats.num_live_transfers,
+                "lost": r.lost,
+                "restarts": r.restarts,
             }
         # Serving needs one healthy replica that can decode; others down is "degraded", not down.
         healthy = set(pool.healthy_replicas())
         can_serve = any(rid in healthy and r.role != "prefill" for rid, r in pool.replicas.items())
         status = "ok" if pool.healthy() else "degraded" if can_serve else "unavailable"
         return JSONResponse({"status": status, "replicas": replicas,
-                             "routing": dict(pool.route_decisions)},
+                             "routing": dict(pool.route_decisions),
+                             "requests_moved": pool.requests_moved},
                             status_code=200 if can_serve else 503,
                             headers=None if can_serve else {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)})
 

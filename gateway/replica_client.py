@@ -5,8 +5,11 @@ socket per replica (connected here) carries `AddRequest` / `AbortRequests` / `Sh
 `engine.protocol` msgpack maps, never pickle.
 
 Nothing waits forever: sends have a timeout, each request has a deadline (`request_timeout_s`), and a
-replica that sends no frame for `heartbeat_timeout_s` has its in-flight requests failed with an
-error output (finish_reason "error").
+replica that is lost -- its socket disconnects, its launcher sees the process exit
+(`replica_lost`), or it sends no frame for `heartbeat_timeout_s` -- leaves routing at once: its
+requests that have produced nothing yet move to another replica, the others end with a retryable
+error output (finish_reason "error", `retryable`), and its peers hear `PeerLost` so KV transfers
+with it are given up. It is routed to again once it reports ready (a restarted process).
 """
 from __future__ import annotations
 
@@ -21,9 +24,11 @@ from typing import TYPE_CHECKING
 import zmq
 import zmq.asyncio
 
+from zmq.utils.monitor import recv_monitor_message
+
 from engine.protocol import (
-    AbortRequests, AddRequest, Message, ReplicaReady, RequestOutput, Shutdown, StepOutputs, decode,
-    encode,
+    AbortRequests, AddRequest, Message, PeerLost, ReplicaReady, RequestOutput, Shutdown, StepOutputs,
+    decode, encode,
 )
 from gateway.replica_state import ReplicaState
 from gateway.routing import Placement, RoundRobin, Router
@@ -48,17 +53,21 @@ class RequestStream:
     """One submitted request. Async-iterate it for its outputs (the last has a finish_reason);
     call `abort()` if you stop early. Created by `ReplicaPool.submit`."""
 
-    def __init__(self, pool: "ReplicaPool", request_id: str, replica_id: str,
-                 num_prompt_tokens: int, deadline: float, load_tokens: int = 0,
-                 prefill_replica_id: str | None = None) -> None:
+    def __init__(self, pool: "ReplicaPool", request_id: str, prompt_token_ids: Sequence[int],
+                 sampling: SamplingParams, deadline: float) -> None:
         self.request_id = request_id
-        self.replica_id = replica_id
-        self.num_prompt_tokens = num_prompt_tokens
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling = sampling
         self.deadline = deadline
-        self.load_tokens = load_tokens
+        self.replica_id = ""
+        """The replica streaming it (set by the pool's placement; changes if that one is lost
+        before the first output)."""
+        self.load_tokens = len(self.prompt_token_ids) + sampling.max_tokens
         """What this request adds to its replica's outstanding tokens."""
-        self.prefill_replica_id = prefill_replica_id
+        self.prefill_replica_id: str | None = None
         """pd: the prefill replica computing the prompt, until the first output arrives."""
+        self.delivered = False
+        """Some output reached the client side: it can no longer move to another replica."""
         self.num_output_tokens = 0
         self._pool = pool
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
@@ -83,6 +92,10 @@ class RequestStream:
         if out.finish_reason is not None:
             self._consumed_final = True
         return out
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
 
     def abort(self) -> None:
         """Stop the request (client went away): tell its replica to drop it. No-op once finished."""
@@ -113,6 +126,8 @@ class ReplicaPool:
         self.router: Router = router or RoundRobin()
         self.route_decisions: collections.Counter[str] = collections.Counter()
         """How many requests each routing decision got (offload, local_short, ...)."""
+        self.requests_moved = 0
+        """Requests re-sent to another replica because theirs was lost before their first output."""
         self._ctx = zmq.asyncio.Context()
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
@@ -128,6 +143,7 @@ class ReplicaPool:
             self._replicas[rid] = ReplicaState(rid, addr)
         self._streams: dict[str, RequestStream] = {}
         self._tasks: list[asyncio.Task] = []
+        self._monitors: dict[str, zmq.asyncio.Socket] = {}
         self._pending_sends: set[asyncio.Task] = set()
         self._all_ready: asyncio.Event | None = None
         self._started = False
@@ -161,6 +177,9 @@ class ReplicaPool:
         self._check_all_ready()
         self._tasks = [asyncio.create_task(self._recv_loop(), name="replica-pool-recv"),
                        asyncio.create_task(self._monitor_loop(), name="replica-pool-monitor")]
+        for rid, sock in self._push.items():
+            self._monitors[rid] = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            self._tasks.append(asyncio.create_task(self._watch_socket(rid), name=f"replica-socket-{rid}"))
 
     async def wait_ready(self, timeout: float) -> dict[str, ReplicaReady]:
         """Wait for ReplicaReady from every replica; TimeoutError names the missing ones."""
@@ -193,7 +212,10 @@ class ReplicaPool:
             except BaseException:  # noqa: BLE001 - cancelled or already failed; nothing to do
                 pass
         self._pull.close(linger=0)
-        for sock in self._push.values():
+        for rid, sock in self._push.items():
+            if rid in self._monitors:
+                sock.disable_monitor()
+                self._monitors[rid].close(linger=0)
             sock.close()
         self._ctx.term()
 
@@ -269,21 +291,32 @@ class ReplicaPool:
 
     def _place(self, rid: str, prompt: Sequence[int], sampling: SamplingParams,
                placement: Placement, now: float) -> tuple[RequestStream, AddRequest]:
-        replica, prefill = placement.replica, placement.prefill
-        load = len(prompt) + sampling.max_tokens
-        stream = RequestStream(self, rid, replica.replica_id, len(prompt), now + self.request_timeout_s,
-                               load, prefill.replica_id if prefill else None)
+        stream = RequestStream(self, rid, prompt, sampling, now + self.request_timeout_s)
         self._streams[rid] = stream
+        return stream, self._assign(stream, placement)
+
+    def _assign(self, stream: RequestStream, placement: Placement) -> AddRequest:
+        """Count `stream` against the replicas of `placement`; the message that sends it there."""
+        replica, prefill = placement.replica, placement.prefill
+        stream.replica_id = replica.replica_id
         replica.outstanding += 1
-        replica.outstanding_tokens += load
+        replica.outstanding_tokens += stream.load_tokens
         self.route_decisions[placement.decision] += 1
-        msg = AddRequest(rid, list(prompt), sampling, time.time())
+        msg = AddRequest(stream.request_id, stream.prompt_token_ids, stream.sampling, time.time())
         if prefill is not None:
+            stream.prefill_replica_id = prefill.replica_id
             prefill.prefill_queue += 1
             msg.remote_prefill = {"transfer_id": f"kv-{uuid.uuid4().hex[:16]}",
                                   "prefill_replica": prefill.replica_id,
                                   "prefill_addr": prefill.address}
-        return stream, msg
+        return msg
+
+    def _unassign(self, stream: RequestStream) -> None:
+        replica = self._replicas.get(stream.replica_id)
+        if replica is not None:
+            replica.outstanding -= 1
+            replica.outstanding_tokens -= stream.load_tokens
+        self._prefill_landed(stream)
 
     def _prefill_landed(self, stream: RequestStream) -> None:
         """The prompt of a pd request is done (first output or finish): free its prefill slot."""
@@ -306,11 +339,12 @@ class ReplicaPool:
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _error_output(self, stream: RequestStream, message: str) -> RequestOutput:
+    def _error_output(self, stream: RequestStream, message: str,
+                      retryable: bool = False) -> RequestOutput:
         return RequestOutput(request_id=stream.request_id, new_token_ids=[], text="",
                              num_prompt_tokens=stream.num_prompt_tokens,
                              num_output_tokens=stream.num_output_tokens,
-                             finish_reason="error", error=message)
+                             finish_reason="error", error=message, retryable=retryable)
 
     def _finish(self, stream: RequestStream) -> bool:
         """Stop tracking a stream; False if it was already finished."""
@@ -319,26 +353,24 @@ class ReplicaPool:
         stream._done = True
         if self._streams.get(stream.request_id) is stream:
             del self._streams[stream.request_id]
-        replica = self._replicas.get(stream.replica_id)
-        if replica is not None:
-            replica.outstanding -= 1
-            replica.outstanding_tokens -= stream.load_tokens
-        self._prefill_landed(stream)
+        self._unassign(stream)
         return True
 
     def _deliver(self, stream: RequestStream, out: RequestOutput) -> None:
         if stream._done:
             return
         stream.num_output_tokens = out.num_output_tokens
+        stream.delivered = True
         self._prefill_landed(stream)
         stream._queue.put_nowait(out)
         if out.finish_reason is not None:
             self._finish(stream)
 
-    def _fail(self, stream: RequestStream, message: str, abort_on_replica: bool = True) -> None:
+    def _fail(self, stream: RequestStream, message: str, abort_on_replica: bool = True,
+              retryable: bool = False) -> None:
         if stream._done:
             return
-        self._deliver(stream, self._error_output(stream, message))
+        self._deliver(stream, self._error_output(stream, message, retryable))
         if abort_on_replica and not self._closed_sockets():
             self._send_soon(stream.replica_id, AbortRequests([stream.request_id]))
 
@@ -378,9 +410,15 @@ class ReplicaPool:
             if replica.timed_out:
                 log.info("replica %s is sending again", replica.replica_id)
                 replica.timed_out = False
+            if replica.lost and (replica.reconnected if isinstance(msg, StepOutputs)
+                                 else msg.pid != replica.lost_pid):
+                log.info("replica %s is back (pid %s)", replica.replica_id,
+                         msg.pid if isinstance(msg, ReplicaReady) else replica.lost_pid)
+                replica.lost, replica.reconnected = False, False
         if isinstance(msg, ReplicaReady):
             if replica.ready is not None and replica.ready.pid != msg.pid:
-                self._fail_replica(replica, f"replica {replica.replica_id} restarted")
+                replica.restarts += 1
+                self._evict(replica, f"replica {replica.replica_id} restarted")
             replica.ready = msg
             self._check_all_ready()
         elif isinstance(msg, StepOutputs):
@@ -396,9 +434,71 @@ class ReplicaPool:
         else:
             log.warning("unexpected frame %s from a replica ignored", type(msg).__name__)
 
-    def _fail_replica(self, replica: ReplicaState, message: str) -> None:
-        for stream in [s for s in self._streams.values() if s.replica_id == replica.replica_id]:
-            self._fail(stream, message)
+    def replica_lost(self, replica_id: str, reason: str) -> None:
+        """`replica_id` is gone (its process exited, its socket dropped): route nothing more to it
+        until it reports ready again, and move or end its requests now (see `_evict`)."""
+        replica = self._replicas.get(replica_id)
+        if replica is None or replica.lost or self._closed:
+            return
+        replica.lost, replica.reconnected = True, False
+        replica.lost_pid = replica.ready.pid if replica.ready is not None else None
+        log.warning("replica %s lost (%s): out of routing", replica_id, reason)
+        self._evict(replica, f"replica {replica_id} was lost ({reason})")
+
+    def _evict(self, replica: ReplicaState, message: str) -> None:
+        """Requests on `replica` that have produced nothing move to a healthy replica; the others
+        end with a retryable error. Its peers drop KV transfers with it (`PeerLost`): a decode
+        replica recomputes the prompts it was prefilling, a prefill replica stops pushing to it."""
+        rid = replica.replica_id
+        for stream in [s for s in self._streams.values() if s.replica_id == rid]:
+            self._send_soon(rid, AbortRequests([stream.request_id]))  # in case it still runs them
+            if stream.delivered or not self._move(stream):
+                self._fail(stream, f"{message}; the request can be retried", abort_on_replica=False,
+                           retryable=True)
+        for stream in [s for s in self._streams.values() if s.prefill_replica_id == rid]:
+            self._prefill_landed(stream)
+        for peer in self._replicas.values():
+            if peer is not replica and peer.ready is not None and not peer.lost:
+                self._send_soon(peer.replica_id, PeerLost(rid))
+
+    def _move(self, stream: RequestStream) -> bool:
+        """Send a request that has produced nothing to another healthy replica."""
+        now = time.monotonic()
+        healthy = [r for r in self._replicas.values() if r.replica_id != stream.replica_id
+                   and r.is_healthy(now, self.heartbeat_timeout_s)]
+        placement = self.router.place(healthy, stream.num_prompt_tokens) if healthy else None
+        if placement is None:
+            return False
+        old = stream.replica_id
+        self.requests_moved += 1
+        self._unassign(stream)
+        msg = self._assign(stream, placement)
+        log.info("request %s moves from lost replica %s to %s", stream.request_id, old,
+                 stream.replica_id)
+        task = asyncio.get_running_loop().create_task(self._send(stream.replica_id, msg))
+        self._pending_sends.add(task)
+
+        def sent(t: asyncio.Task) -> None:
+            self._pending_sends.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self._fail(stream, f"could not resend to replica {stream.replica_id}: "
+                                   f"{t.exception()!r}", retryable=True)
+        task.add_done_callback(sent)
+        return True
+
+    async def _watch_socket(self, replica_id: str) -> None:
+        """A replica's input socket dropping means its process died (or the network did)."""
+        monitor = self._monitors[replica_id]
+        while True:
+            try:
+                event = await recv_monitor_message(monitor)
+            except zmq.ZMQError:
+                return
+            replica = self._replicas[replica_id]
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.replica_lost(replica_id, "its socket disconnected")
+            elif event["event"] == zmq.EVENT_CONNECTED and replica.lost:
+                replica.reconnected = True
 
     async def _recv_loop(self) -> None:
         while True:
@@ -433,9 +533,9 @@ class ReplicaPool:
                     silent = now - replica.last_seen
                     log.warning("replica %s silent for %.1fs: marked unhealthy",
                                 replica.replica_id, silent)
-                    self._fail_replica(replica, f"replica {replica.replica_id} sent no frame for "
-                                                f"{silent:.1f}s (heartbeat timeout "
-                                                f"{self.heartbeat_timeout_s:g}s)")
+                    self._evict(replica, f"replica {replica.replica_id} sent no frame for "
+                                         f"{silent:.1f}s (heartbeat timeout "
+                                         f"{self.heartbeat_timeout_s:g}s)")
             for stream in [s for s in self._streams.values() if s.deadline < now]:
                 self._fail(stream, f"request {stream.request_id} timed out after "
                                    f"{self.request_timeout_s:g}s")

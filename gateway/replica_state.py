@@ -24,6 +24,15 @@ class ReplicaState:
     """Prompt + max_tokens of the requests in flight here (least_loaded routing)."""
     prefill_queue: int = 0
     """Prefill replicas: prompts handed to it whose KV has not landed yet (pd routing)."""
+    lost: bool = False
+    """Its process exited or its socket dropped: out of routing until it reports ready again
+    (a new process) or, after its socket reconnects, sends a frame (the same process)."""
+    lost_pid: int | None = None
+    """The pid that was lost: a `ReplicaReady` from it again does not re-admit it."""
+    reconnected: bool = False
+    """Its socket connected again since it was lost."""
+    restarts: int = 0
+    """New processes seen under this replica id since the first one."""
 
     @property
     def role(self) -> str:
@@ -40,5 +49,5 @@ class ReplicaState:
         return max(0, self.outstanding - running)
 
     def is_healthy(self, now: float, heartbeat_timeout_s: float) -> bool:
-        return (self.ready is not None and not self.timed_out and self.last_seen is not None
-                and now - self.last_seen <= heartbeat_timeout_s)
+        return (self.ready is not None and not self.timed_out and not self.lost
+                and self.last_seen is not None and now - self.last_seen <= heartbeat_timeout_s)

@@ -85,6 +85,8 @@ def finish_ok(out: RequestOutput) -> bool:
 
 def replica_error(out: RequestOutput) -> APIError:
     detail = out.error or f"the request ended with finish_reason {out.finish_reason!r}"
+    if out.retryable:   # the replica was lost, not the request at fault: 503 + Retry-After
+        return unavailable(detail)
     return APIError(500, f"replica error: {detail}", "server_error", code="replica_error")
 
 

@@ -61,6 +61,9 @@ class TransferEvent:
     """Receiver: sender's first frame -> done received (wall clocks). Sender: first -> done queued."""
     wire_bytes: int = 0
     raw_bytes: int = 0
+    codec: str | None = None
+    """Receiver: the codec the transfer's KV frames carried (their headers say), None if no KV
+    frame arrived; the sender leaves it None."""
 
 
 @dataclass
@@ -99,7 +102,8 @@ class _Transfer:
     seq: int = 0
     covered: int = 0
     t_first: float | None = None
-    codec: str = "raw"
+    codec: str | None = None
+    """Receiver: the codec of the KV frames so far (from their headers)."""
     wire_bytes: int = 0
     raw_bytes: int = 0
 
@@ -180,7 +184,8 @@ class KVReceiver:
         self.metrics.transfers_failed[reason] += 1
         log.warning("KV transfer %s (request %s) failed: %s", t.transfer_id, t.request_id, error)
         return TransferEvent(t.transfer_id, t.request_id, TransferState.FAILED, error=error,
-                             reason=reason, wire_bytes=t.wire_bytes, raw_bytes=t.raw_bytes)
+                             reason=reason, wire_bytes=t.wire_bytes, raw_bytes=t.raw_bytes,
+                             codec=t.codec)
 
     def _handle(self, parts: list, kv_caches: list[torch.Tensor]) -> TransferEvent | None:
         try:
@@ -211,7 +216,7 @@ class KVReceiver:
         t.wire_bytes += size
         t.codec = header.get("codec", t.codec)
         self.metrics.frames += 1
-        self.metrics.wire_bytes[t.codec] += size
+        self.metrics.wire_bytes[t.codec or "none"] += size
         kind = header["kind"]
         if kind == "abort":
             return self._fail(t, "abort", f"aborted by the prefill side: {header.get('reason')}")
@@ -240,7 +245,7 @@ class KVReceiver:
             self.metrics.observe(latency)
         return TransferEvent(tid, t.request_id, TransferState.DONE, first_token=header["first_token"],
                              num_tokens=header["num_tokens"], latency_s=latency,
-                             wire_bytes=t.wire_bytes, raw_bytes=t.raw_bytes)
+                             wire_bytes=t.wire_bytes, raw_bytes=t.raw_bytes, codec=t.codec)
 
     def _write(self, t: _Transfer, h: dict, buffers: list, kv_caches: list[torch.Tensor]) -> None:
         l0, l1 = h["layers"]

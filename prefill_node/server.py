@@ -11,7 +11,7 @@ Request life cycle on this node:
    and the request ends here; its blocks are freed in that step (the copy was already taken);
 4. if it cannot be admitted, is aborted by the decode side, ends in a failed step, or the sender
    fails, an abort frame (or the decode side's timeout) makes the decode replica recompute the
-   prompt itself.
+   prompt itself; if the gateway reports the decode replica lost, its prompts are dropped here.
 Nothing of these requests goes to the gateway: the decode replica streams the tokens.
 """
 from __future__ import annotations
@@ -37,6 +37,8 @@ class _Push:
     target_request_id: str
     dst_block_ids: list[int]
     sender: KVSender
+    target_replica: str
+    """The decode replica waiting for this KV."""
     sent_upto: int = 0
     """Tokens whose KV has been handed to the sender."""
     step_table: list[int] = field(default_factory=list)
@@ -79,13 +81,26 @@ class PrefillServer(ReplicaServer):
             return []
         request = self.engine.scheduler.get(msg.request_id)
         self._pushes[msg.request_id] = _Push(request, tid, target["request_id"],
-                                             list(target["dst_block_ids"]), sender)
+                                             list(target["dst_block_ids"]), sender,
+                                             target["decode_replica"])
         return []
 
     def handle_abort(self, msg: protocol.AbortRequests) -> list[protocol.RequestOutput]:
         for rid in msg.request_ids:
             self._pushes.pop(rid, None)  # the decode side gave up: nothing more to send
         return self.engine.abort(msg.request_ids)
+
+    def handle_peer_lost(self, msg: protocol.PeerLost) -> list[protocol.RequestOutput]:
+        """A decode replica died: nobody will receive these prompts' KV, so stop computing them."""
+        lost = [rid for rid, push in self._pushes.items() if push.target_replica == msg.replica_id]
+        for rid in lost:
+            self._drop(rid, f"decode replica {msg.replica_id} lost")
+        if lost:
+            log.warning("decode replica %s lost; dropping %d prompts", msg.replica_id, len(lost))
+        return self.engine.abort(lost)
+
+    def live_transfers(self) -> int:
+        return len(self._pushes)
 
     def before_step(self) -> list[protocol.RequestOutput]:
         for sender in self._senders.values():
@@ -154,12 +169,19 @@ class FaultyTransport:
     """Fault injection for tests, set by the environment variable TANDEM_KV_FAULT of a prefill
     node: `drop:N` loses the N-th frame, `corrupt:N` flips a payload byte of the N-th frame,
     `stall:S` sleeps S seconds after the first frame (on the sender's worker thread: frames stop
-    flowing while the engine goes on)."""
+    flowing while the engine goes on).
+
+    `scramble` is the negative control of the parity tests, the one wrong handoff that no check
+    can see: every KV frame is decoded, its values shuffled (a fixed permutation of the elements)
+    and encoded again with the same codec and fresh checksums -- as if the sender had encoded
+    wrong KV -- so the frame is well formed, passes every check and completes the transfer; only
+    the KV is wrong. A parity test that still passes with it would not be testing the handoff.
+    Test-only, like the rest."""
 
     def __init__(self, inner, spec: str) -> None:
         kind, _, value = spec.partition(":")
-        if kind not in ("drop", "corrupt", "stall"):
-            raise ValueError(f"{FAULT_ENV} must be drop:N, corrupt:N or stall:S, got {spec!r}")
+        if kind not in ("drop", "corrupt", "stall", "scramble"):
+            raise ValueError(f"{FAULT_ENV} must be drop:N, corrupt:N, stall:S or scramble, got {spec!r}")
         self.inner, self.kind, self.value, self.count = inner, kind, float(value or 1), 0
         log.warning("KV fault injection active: %s", spec)
 
@@ -172,6 +194,8 @@ class FaultyTransport:
             payload = bytearray(bytes(parts[-1]))
             payload[len(payload) // 2] ^= 0xFF
             parts = [*parts[:-1], bytes(payload)]
+        if self.kind == "scramble":
+            parts = _scrambled(parts)
         self.inner.send(parts)
         if self.kind == "stall" and self.count == 1:
             time.sleep(self.value)
@@ -181,3 +205,22 @@ class FaultyTransport:
 
     def close(self) -> None:
         self.inner.close()
+
+
+def _scrambled(parts):
+    """A KV frame re-encoded (same codec, fresh checksums) with its values shuffled; others as is."""
+    import torch
+
+    from kv_transfer.codecs import DTYPES, get_codec
+    from kv_transfer.frames import _pack, crc32, decode_frame, nbytes
+
+    header, buffers = decode_frame(parts)
+    if header["kind"] != "kv":
+        return parts
+    codec = get_codec(header["codec"])
+    kv = torch.empty(header["shape"], dtype=DTYPES[header["dtype"]])
+    codec.decode(header["codec_meta"], buffers, kv)
+    perm = torch.randperm(kv.numel(), generator=torch.Generator().manual_seed(0))
+    meta, buffers = codec.encode(kv.reshape(-1)[perm].reshape(kv.shape))
+    header.update(codec_meta=meta, sizes=[nbytes(b) for b in buffers], crc=crc32(buffers))
+    return _pack(header, buffers)

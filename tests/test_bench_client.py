@@ -76,7 +76,7 @@ def fake_url():
     server = uvicorn.Server(uvicorn.Config(_app(), host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30   # a hang guard: returns as soon as it has started
     while not server.started:
         assert time.monotonic() < deadline, "fake server did not start"
         time.sleep(0.02)

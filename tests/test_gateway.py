@@ -25,6 +25,9 @@ from scheduler.request import SamplingParams
 from tests.fake_replica import FakeReplica, wait_until
 
 MODEL = "SmolLM2-135M-Instruct"
+HANG_S = 30.0
+"""Waits for something that must happen return as soon as it does; this only bounds a hang
+(short windows flake on a loaded machine)."""
 MAX_LEN = 128
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +72,7 @@ class Server:
 
     def __enter__(self) -> "Server":
         self.thread.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + HANG_S
         while time.monotonic() < deadline:
             if self.server.started:
                 try:
@@ -78,11 +81,11 @@ class Server:
                 except httpx.HTTPError:
                     pass
             time.sleep(0.02)
-        raise TimeoutError("gateway did not become healthy within 10s")
+        raise TimeoutError(f"gateway did not become healthy within {HANG_S:g}s")
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
-        self.thread.join(10)
+        self.thread.join(HANG_S)
         assert not self.thread.is_alive(), "uvicorn did not stop"
         self.replica.stop()
 
@@ -293,16 +296,16 @@ def test_stream_disconnect_aborts_on_replica(srv):
             assert r.status_code == 200
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
-    assert wait_until(lambda: "cmpl-disc-stream" in srv.replica.aborted_ids(), 1.5)
-    assert wait_until(lambda: srv.pool.num_outstanding == 0, 1.0)
+    assert wait_until(lambda: "cmpl-disc-stream" in srv.replica.aborted_ids(), HANG_S)
+    assert wait_until(lambda: srv.pool.num_outstanding == 0, HANG_S)
 
 
 def test_non_stream_disconnect_aborts_on_replica(srv):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(srv.url + "/v1/completions", headers={"x-request-id": "disc-plain"},
                    json={"model": MODEL, "prompt": "q", "max_tokens": 100}, timeout=0.2)
-    assert wait_until(lambda: "cmpl-disc-plain" in srv.replica.aborted_ids(), 1.5)
-    assert wait_until(lambda: srv.pool.num_outstanding == 0, 1.0)
+    assert wait_until(lambda: "cmpl-disc-plain" in srv.replica.aborted_ids(), HANG_S)
+    assert wait_until(lambda: srv.pool.num_outstanding == 0, HANG_S)
 
 
 # ---- servers with other settings ---------------------------------------------------------------
@@ -335,7 +338,7 @@ def test_over_capacity_429(tmpdir_short):
                     assert r.status_code == 429 and r.headers["retry-after"] == "1"
                     assert r.json()["error"]["code"] == "rate_limit_exceeded"
                     assert r.json()["error"]["type"] == "rate_limit_error"
-        assert wait_until(lambda: s.pool.num_outstanding == 0, 2.0)
+        assert wait_until(lambda: s.pool.num_outstanding == 0, HANG_S)
         r = httpx.post(s.url + "/v1/completions",
                        json={"model": MODEL, "prompt": "q", "max_tokens": 1}, timeout=5)
         assert r.status_code == 200
@@ -353,12 +356,14 @@ def test_health_503_when_replica_goes_silent(tmpdir_short):
 
         t = threading.Thread(target=long_request)
         t.start()
-        assert wait_until(lambda: s.replica.received_ids(), 2.0)
+        assert wait_until(lambda: s.replica.received_ids(), HANG_S)
         s.replica.silence()
-        assert wait_until(lambda: httpx.get(s.url + "/health").status_code == 503, 3.0)
-        t.join(5)
+        assert wait_until(lambda: httpx.get(s.url + "/health").status_code == 503, HANG_S)
+        t.join(HANG_S)
         r = result["r"]
-        assert r.status_code == 500 and "heartbeat" in r.json()["error"]["message"]
+        # Not the request's fault: retryable, so 503 + Retry-After rather than a 500.
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert "heartbeat" in r.json()["error"]["message"]
         r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "q"})
         assert r.status_code == 503 and r.headers["retry-after"]
 
@@ -373,7 +378,7 @@ def test_pool_wait_ready_timeout_names_missing(tmpdir_short):
                 await pool.wait_ready(0.2)
         finally:
             await pool.close()
-    asyncio.run(asyncio.wait_for(main(), 10))
+    asyncio.run(asyncio.wait_for(main(), 2 * HANG_S))
 
 
 def test_pool_generate_early_close_aborts_and_shutdown(tmpdir_short):
@@ -383,7 +388,7 @@ def test_pool_generate_early_close_aborts_and_shutdown(tmpdir_short):
         pool = ReplicaPool(f"ipc://{tmpdir_short}/pg-out", {"a": replica.input_addr})
         replica.start(pool.output_addr)
         try:
-            info = await pool.wait_ready(5)
+            info = await pool.wait_ready(HANG_S)
             assert info["a"].model == "fake-model" and pool.healthy()
             gen = pool.generate("g1", [5, 6], SamplingParams(max_tokens=1000, ignore_eos=True))
             got = [out async for out in _take(gen, 3)]
@@ -394,9 +399,9 @@ def test_pool_generate_early_close_aborts_and_shutdown(tmpdir_short):
         finally:
             await pool.close(shutdown_replicas=True)
 
-    asyncio.run(asyncio.wait_for(main(), 10))
+    asyncio.run(asyncio.wait_for(main(), 2 * HANG_S))
     assert "g1" in replica.aborted_ids()
-    assert replica.got_shutdown.wait(2)
+    assert replica.got_shutdown.wait(HANG_S)
     replica.stop()
 
 
@@ -417,15 +422,15 @@ def test_pool_request_timeout_fails_with_error_and_aborts(tmpdir_short):
                            request_timeout_s=0.3)
         replica.start(pool.output_addr)
         try:
-            await pool.wait_ready(5)
+            await pool.wait_ready(HANG_S)
             outs = [o async for o in pool.generate("slow", [4], SamplingParams(max_tokens=1000))]
             assert outs[-1].finish_reason == "error" and "timed out" in outs[-1].error
             assert 0 < len(outs) - 1 < 20 and pool.num_outstanding == 0
         finally:
             await pool.close()
 
-    asyncio.run(asyncio.wait_for(main(), 10))
-    assert wait_until(lambda: "slow" in replica.aborted_ids(), 2)
+    asyncio.run(asyncio.wait_for(main(), 2 * HANG_S))
+    assert wait_until(lambda: "slow" in replica.aborted_ids(), HANG_S)
     replica.stop()
 
 
@@ -440,8 +445,8 @@ def test_n_stream_disconnect_aborts_every_choice(srv):
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
     wanted = {f"cmpl-fan-{i}" for i in range(4)}
-    assert wait_until(lambda: wanted <= set(srv.replica.aborted_ids()), 1.5)
-    assert wait_until(lambda: srv.pool.num_outstanding == 0, 1.0)
+    assert wait_until(lambda: wanted <= set(srv.replica.aborted_ids()), HANG_S)
+    assert wait_until(lambda: srv.pool.num_outstanding == 0, HANG_S)
 
 
 def test_batched_prompts_with_n_and_fake_logprobs(srv):
@@ -463,7 +468,8 @@ def test_access_log_is_one_json_line_per_request(srv, caplog):
                    json={"model": MODEL, "prompt": "abc", "max_tokens": 3}, timeout=5)
         httpx.post(srv.url + "/v1/completions", headers={"x-request-id": "logged-2"},
                    json={"model": MODEL, "prompt": "abc", "temperature": 9}, timeout=5)
-        assert wait_until(lambda: len([r for r in caplog.records if r.name == "tandem.access"]) >= 2)
+        assert wait_until(lambda: len([r for r in caplog.records if r.name == "tandem.access"]) >= 2,
+                          HANG_S)
     lines = {}
     for rec in caplog.records:
         if rec.name == "tandem.access":
@@ -474,3 +480,89 @@ def test_access_log_is_one_json_line_per_request(srv, caplog):
     assert (ok["prompt_tokens"], ok["completion_tokens"], ok["finish_reason"]) == (3, 3, "length")
     assert ok["latency_s"] > 0
     assert bad["status"] == 400 and bad["prompt_tokens"] is None
+
+
+# ---- routing -----------------------------------------------------------------------------------
+
+def _replica_state(rid: str, role: str = "hybrid", tokens: int = 0, requests: int = 0):
+    from engine.protocol import ReplicaReady
+    from gateway.replica_state import ReplicaState
+
+    ready = ReplicaReady(rid, MODEL, MAX_LEN, num_blocks=64, block_size=16, pid=0, role=role)
+    return ReplicaState(rid, f"ipc://{rid}", ready=ready, outstanding_tokens=tokens,
+                        outstanding=requests)
+
+
+def test_least_loaded_picks_fewest_outstanding_tokens_not_requests():
+    from gateway.routing import make_router
+
+    router = make_router("least_loaded")
+    # c has the most requests in flight but the fewest tokens: tokens are what cost time.
+    reps = [_replica_state("a", tokens=900, requests=1), _replica_state("b", tokens=300, requests=1),
+            _replica_state("c", tokens=120, requests=6)]
+    for order in (reps, reps[::-1], reps[1:] + reps[:1]):
+        assert router.place(order, 10).replica.replica_id == "c"
+
+
+def test_least_loaded_never_places_a_request_on_a_prefill_replica():
+    from gateway.routing import make_router
+
+    router = make_router("least_loaded")
+    idle_prefill = _replica_state("a-prefill", role="prefill")   # least loaded, and first by id
+    busy = [_replica_state("b", role="decode", tokens=500), _replica_state("c", tokens=400)]
+    assert router.place([idle_prefill, *busy], 10).replica.replica_id == "c"
+    assert router.place([idle_prefill, busy[0]], 10).replica.replica_id == "b"
+    assert router.place([idle_prefill], 10) is None     # nothing can decode: the pool says 429
+
+
+def test_least_loaded_ties_go_by_id_so_equal_requests_spread_evenly():
+    from gateway.routing import make_router
+
+    router = make_router("least_loaded")
+    reps = [_replica_state(rid) for rid in ("c", "a", "b")]
+    placed = []
+    for _ in range(6):   # the pool adds each request's tokens to its replica (ReplicaPool._place)
+        choice = router.place(reps, 10).replica
+        choice.outstanding_tokens += 10 + 16
+        placed.append(choice.replica_id)
+    assert placed == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_make_router_names_an_unknown_routing():
+    from gateway.routing import make_router
+
+    with pytest.raises(ValueError, match="'fastest'.*least_loaded"):
+        make_router("fastest")
+
+
+def test_pool_with_least_loaded_routes_by_the_tokens_it_has_in_flight(tmpdir_short):
+    """Through ReplicaPool: its accounting of prompt + max_tokens per replica steers placement,
+    and a finished request's tokens stop counting."""
+    from gateway.routing import make_router
+
+    # Slow steps and long outputs: nothing finishes on its own, so the accounting stays put.
+    reps = {rid: FakeReplica(rid, f"ipc://{tmpdir_short}/ll-{rid}", step_s=0.5) for rid in "ab"}
+
+    async def main():
+        pool = ReplicaPool(f"ipc://{tmpdir_short}/ll-out",
+                           {rid: r.input_addr for rid, r in reps.items()},
+                           router=make_router("least_loaded"))
+        for r in reps.values():
+            r.start(pool.output_addr)
+        try:
+            await pool.wait_ready(HANG_S)
+            big = SamplingParams(max_tokens=1000)
+            small = SamplingParams(max_tokens=100)
+            long_one = await pool.submit("long", [5] * 10, big)     # tie: a (by id)
+            placed = [(await pool.submit(f"s{i}", [5] * 5, small)).replica_id for i in range(3)]
+            assert long_one.replica_id == "a" and placed == ["b", "b", "b"]   # round robin: b, a, b
+            long_one.abort()                                        # a's 1010 tokens are gone
+            assert (await pool.submit("after", [5] * 5, small)).replica_id == "a"
+        finally:
+            await pool.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 2 * HANG_S))
+    finally:
+        for r in reps.values():
+            r.stop()

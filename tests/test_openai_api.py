@@ -316,7 +316,7 @@ def _replica(base) -> dict:
     return next(iter(httpx.get(base + "/health", timeout=5).json()["replicas"].values()))
 
 
-def _wait_idle(base, timeout: float = 10.0) -> dict:
+def _wait_idle(base, timeout: float = 30.0) -> dict:   # returns as soon as idle
     deadline = time.monotonic() + timeout
     while True:
         rep = _replica(base)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from scheduler.budget import FeedbackBudget, ProfileSample, StepTimeModel, pick_budget
 from scheduler.config import BudgetConfig, SchedulerConfig
 from scheduler.policies import SCHEDULERS, make_scheduler
+from scheduler.request import RequestStatus
 from scheduler.telemetry import IterationStats
 from tests.test_scheduler import make_request, run_to_completion
 
@@ -179,8 +180,33 @@ def test_feedback_policy_wires_through_make_scheduler():
     cfg = config("sarathi", budget=BudgetConfig(kind="feedback", tbt_slo_ms=50, tile=16))
     sched = make_scheduler(cfg, 64)
     assert sched.token_budget == 32
-    sched.observe(stats(1.0, 32, prefill=28))
-    assert sched.token_budget >= cfg.min_budget
+    for _ in range(4):   # the controller judges a change only after a cooldown of 4 decode steps
+        sched.observe(stats(1.0, 32, prefill=28))
+    assert cfg.min_budget <= sched.token_budget < 32   # a StaticBudget would still say 32
+
+
+def test_feedback_budget_reaches_the_replica_engine(tiny_model_dir):
+    """`--budget feedback` must give a replica an engine whose budget follows its own step times.
+    The config takes the JSON round trip a replica process gets it through (cluster.node), and
+    real steps, all slower than an absurdly tight TBT SLO, must cut the budget."""
+    import json
+
+    from engine.config import EngineConfig
+    from engine.core import EngineCore
+    from scheduler.request import SamplingParams
+
+    cfg = EngineConfig(
+        model_dir=str(tiny_model_dir), dtype="float32", compile=False, num_kv_blocks=64,
+        scheduler=SchedulerConfig(token_budget=128, max_num_seqs=8, max_model_len=256,
+                                  budget=BudgetConfig(kind="feedback", tbt_slo_ms=1e-3, tile=16)))
+    engine = EngineCore(EngineConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))))
+    assert engine.scheduler.token_budget == 128
+    engine.add_request("a", list(range(10, 18)),
+                       SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    while engine.has_work():   # 1 prefill step, then 7 decode steps (the controller judges those)
+        engine.step()
+    assert engine.scheduler.token_budget < 128
+    assert engine.stats().token_budget == engine.scheduler.token_budget   # what the gateway sees
 
 
 @settings(max_examples=25, deadline=None)
@@ -243,3 +269,89 @@ def test_profiled_budget_with_too_few_samples_starts_on_the_static_budget(tiny_m
                                   budget=BudgetConfig(kind="profiled", profile_path=str(path)))))
     assert isinstance(engine.scheduler.budget, StaticBudget)
     assert engine.scheduler.budget.value == 48
+
+
+# Every policy claims FCFS admission (admit_waiting, or request-level's own head-of-queue loop).
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(max_examples=30, deadline=None)
+@given(
+    num_blocks=st.integers(12, 60),
+    workload=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 20), st.integers(0, 15),
+                                st.sampled_from(["local", "remote", "remote_fails"]),
+                                st.integers(0, 3)),
+                      min_size=1, max_size=12),
+    seed=st.integers(0, 1000),
+)
+def test_admission_is_fcfs_and_preempted_requests_go_back_to_the_head(policy, num_blocks,
+                                                                      workload, seed):
+    """Drives random arrivals (some as remote prefills whose KV lands or fails a few steps later)
+    against a model of the waiting queue: arrival order, except that requests pushed back
+    (preempted, or a failed remote prefill, which was already placed) go to its head. Each step
+    must admit a prefix of the queue, and nothing may overtake a request queued before it."""
+    cfg = config(policy)
+    sched = make_scheduler(cfg, num_blocks)
+    rng = random.Random(seed)
+    pending = [(a, i, make_request(i, p, m, arrival=a + i * 1e-3), kind, delay)
+               for i, (p, m, a, kind, delay) in enumerate(workload)
+               if sched.block_manager.blocks_for(p + m) <= num_blocks]  # else rejected up front
+    pending.sort(key=lambda x: x[:2])
+    queue: list = []               # the model of sched.waiting
+    behind: dict[str, set] = {}    # waiting request -> ids queued after it (may not overtake it)
+    landing: dict[str, tuple[int, bool]] = {}   # remote prefill -> (step its KV lands, succeeds)
+
+    def arrived(r):                # everyone waiting now is ahead of r
+        for ids in behind.values():
+            ids.add(r.request_id)
+
+    def check_no_overtaking(admitted):
+        for r in admitted:
+            behind.pop(r.request_id, None)
+        for w, later in behind.items():
+            jumped = [r.request_id for r in admitted if r.request_id in later]
+            assert not jumped, f"{jumped} admitted before {w}, which was queued ahead of them"
+
+    step = 0
+    while pending or sched.has_work() or landing:
+        while pending and pending[0][0] <= step:
+            _, _, r, kind, delay = pending.pop(0)
+            arrived(r)
+            if kind != "local":
+                had_waiting = bool(sched.waiting)
+                if sched.add_remote_prefill(r):
+                    assert not had_waiting, "a remote prefill reserved blocks ahead of the queue"
+                    check_no_overtaking([r])
+                    landing[r.request_id] = (step + delay, kind == "remote")
+                    continue
+            sched.add_request(r)   # what the engine does when the reservation is refused
+            queue.append(r)
+            behind[r.request_id] = set()
+        for rid, (at, ok) in list(landing.items()):
+            if at <= step:
+                del landing[rid]
+                if ok:
+                    sched.remote_prefill_done(rid, float(step))
+                else:                                  # falls back to a local prefill, first
+                    sched.remote_prefill_failed(rid)
+                    queue.insert(0, sched.get(rid))
+                    behind[rid] = {r.request_id for r in queue[1:]}
+        assert list(sched.waiting) == queue
+
+        out = sched.schedule(float(step))
+        admitted = [r for r in queue if r.status is RequestStatus.RUNNING]
+        assert admitted == queue[:len(admitted)], "admitted requests are not a prefix of the queue"
+        check_no_overtaking(admitted)
+        victims = [sched.get(rid) for rid in out.preempted_ids]
+        rest = queue[len(admitted):]
+        head = list(sched.waiting)[:len(victims)]
+        assert set(head) == set(victims), "preempted requests are not at the head of the queue"
+        assert list(sched.waiting)[len(victims):] == rest
+        queue = head + rest
+        for i, v in enumerate(head):   # all queued after a victim, and later arrivals, are behind it
+            behind[v.request_id] = {r.request_id for r in queue[i + 1:]}
+
+        sampled = {c.request.request_id: rng.randrange(1, 100) for c in out.chunks if c.samples}
+        sched.update(out, sampled, float(step))
+        sched.check_integrity()
+        step += 1
+        assert step < 10_000, "scheduler made no progress"
+    assert sched.block_manager.num_free_blocks == num_blocks
