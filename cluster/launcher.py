@@ -30,6 +30,7 @@ class ReplicaSpec:
     input_addr: str
     """ZeroMQ address the replica binds for its requests."""
     role: str = "hybrid"
+    """hybrid | prefill | decode: which node server the process runs."""
     kv: KVConfig = field(default_factory=KVConfig)
     """How a prefill/decode node moves KV."""
 
@@ -99,7 +100,7 @@ class Supervisor:
     `stable_s` starts again from `backoff_s`. `on_exit(replica_id, returncode)` runs once per death
     (the gateway takes the replica out of routing); `may_restart(replica_id)` vetoes a restart
     (a replica that never became ready has a configuration problem, not bad luck).
-    `poll(now)` does the work; call it often (the serve loop does, twice a second)."""
+    `poll(now)` does the work; call it often (the serve loop does, five times a second)."""
 
     launcher: LocalLauncher
     on_exit: Callable[[str, int], None]

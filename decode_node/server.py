@@ -3,9 +3,9 @@
 Request life cycle on this node:
 1. the gateway sends `AddRequest(remote_prefill={transfer_id, prefill_replica, prefill_addr})`
    for a long prompt (short ones come plain and are prefilled here, stall-free);
-2. we reserve blocks for the whole prompt (BOOTSTRAP -> WAITING); if they are not free right
-   now, or earlier requests are waiting for memory (FCFS: no overtaking), the request simply
-   queues for a local prefill instead;
+2. we reserve blocks for the whole prompt and expect the transfer (WAITING); if the blocks or a
+   batch slot are not free right now -- counting what the requests already waiting here need, so
+   the reservation never delays them (FCFS) -- the request simply queues for a local prefill;
 3. we send the prompt to the prefill node with `kv_target` = our KV address and those block ids
    (request id `<id>/prefill`), and expect the transfer;
 4. every loop turn `KVReceiver.poll` writes arriving KV into the reserved blocks
@@ -77,7 +77,7 @@ class DecodeServer(ReplicaServer):
         if info is None:
             return super().handle_add(msg)
         result = self.engine.add_remote_prefill(msg.request_id, msg.prompt_token_ids, msg.sampling)
-        if result is None:   # no room now, or others wait for memory: queued for a local prefill (FCFS)
+        if result is None:   # no room beyond what the waiting queue needs: queued for a local prefill
             self._events.append({"state": "skipped", "reason": "no_free_blocks", "fallback": "local"})
             return []
         if isinstance(result, protocol.RequestOutput):
@@ -117,11 +117,9 @@ class DecodeServer(ReplicaServer):
                 else:
                     log.warning("KV transfer %s for %s failed (%s: %s); recomputing locally",
                                 event.transfer_id, event.request_id, event.reason, event.error)
-                    self.engine.scheduler.remote_prefill_failed(event.request_id)
                     self._to_prefill(info["prefill_addr"],
                                      protocol.AbortRequests([event.request_id + PREFILL_SUFFIX]))
-                    self._events.append({"state": "failed", "reason": event.reason or "error",
-                                         "codec": event.codec or "none", "fallback": "recompute"})
+                    self._recompute(event.request_id, event.reason or "error", event.codec)
         return []
 
     def handle_peer_lost(self, msg: protocol.PeerLost) -> list[protocol.RequestOutput]:
@@ -131,12 +129,16 @@ class DecodeServer(ReplicaServer):
         for rid in lost:
             info = self._pending.pop(rid)
             self._receiver(info).cancel(info["transfer_id"])
-            self.engine.scheduler.remote_prefill_failed(rid)
-            self._events.append({"state": "failed", "reason": "peer_lost", "codec": self.kv.codec,
-                                 "fallback": "recompute"})
+            self._recompute(rid, "peer_lost", None)
         if lost:
             log.warning("prefill replica %s lost; recomputing %d prompts locally", msg.replica_id, len(lost))
         return []
+
+    def _recompute(self, request_id: str, reason: str, codec: str | None) -> None:
+        """Give up on the transfer: drop the partial KV and prefill here, first in line."""
+        self.engine.scheduler.remote_prefill_failed(request_id)
+        self._events.append({"state": "failed", "reason": reason, "codec": codec or "none",
+                             "fallback": "recompute"})
 
     def live_transfers(self) -> int:
         return len(self._pending)

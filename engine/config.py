@@ -23,9 +23,11 @@ class EngineConfig:
     """Weights, activations and KV cache. `auto`: bfloat16 on CUDA and on CPUs with AVX512-BF16 or
     AMX (bf16 GEMMs ~2.5x faster than fp32 there), float32 elsewhere. Parity tests use float32."""
     device: str = "cpu"
+    """torch device of the replica: cpu, cuda, cuda:N (the CLI gives each replica its own GPU)."""
     attention: str = "torch"
-    """Attention backend: `torch` (the tandem::paged_attention op: a native in-place kernel for
-    decodes plus SDPA for prefill chunks; any device) or `flashinfer` (CUDA only)."""
+    """Attention backend: `torch` (the tandem::paged_attention op: native C kernels reading the
+    paged cache in place for decodes and prefill chunks, a torch fallback without a compiler) or
+    `flashinfer` (CUDA only)."""
     compile: bool = False
     """torch.compile the forward (inductor, frozen weights, dynamic row counts) and warm it up at
     start; `tandem serve` turns it on. CPU only (CUDA runs eagerly)."""

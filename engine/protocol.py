@@ -33,7 +33,7 @@ class AddRequest:
     {"transfer_id", "prefill_replica", "prefill_addr"}."""
     kv_target: dict | None = None
     """To a prefill replica: compute the prompt and push its KV to a decode replica.
-    {"transfer_id", "request_id" (decode side), "kv_addr", "dst_block_ids"}."""
+    {"transfer_id", "request_id" (decode side), "kv_addr", "decode_replica", "dst_block_ids"}."""
 
 
 @dataclass

@@ -19,13 +19,15 @@ class GatewayConfig:
     api_key: str | None = None
     """If set, `/v1/*` requires `Authorization: Bearer <api_key>`; `/health` and `/metrics` stay open."""
     max_waiting_per_replica: int = 256
-    """Admission limit: requests accepted but not finished, per healthy replica; beyond it 429."""
+    """Admission limit: requests accepted but not yet running (as estimated from the replica's
+    latest stats), per healthy replica; beyond it 429 with Retry-After."""
     request_timeout_s: float = 600.0
     """Longest a request may take end to end before it is failed (and aborted on its replica)."""
     replica_ready_timeout_s: float = 300.0
     """How long startup code waits for every replica's ReplicaReady frame."""
     heartbeat_timeout_s: float = 10.0
-    """A replica that sent no frame for this long is unhealthy and its in-flight requests fail."""
+    """A replica that sent no frame for this long leaves routing until it sends again; its requests
+    with no output yet move to another replica, the others end with a retryable error (503)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:

@@ -1,5 +1,5 @@
 """KV-cache handoff from prefill replicas to decode replicas: codecs, frames, transports and the
-sender/receiver state machines. See DESIGN.md §5.
+sender/receiver state machines. docs/design.md ("KV transfer protocol") describes the protocol.
 
     receiver = KVReceiver(make_transport("zmq", "receiver", address="tcp://127.0.0.1:0"))
     sender = KVSender(make_transport("zmq", "sender", address=receiver.transport.address), "lz4")

@@ -22,7 +22,9 @@ class KVConfig:
     rank: int | None = None
     """torch transport: this node's rank in the KV process group."""
     world_size: int | None = None
+    """torch transport: ranks in the KV process group (every prefill and decode replica)."""
     master_port: int | None = None
+    """torch transport: the TCP port of rank 0's rendezvous store on 127.0.0.1."""
     peer_ranks: dict[str, int] = field(default_factory=dict)
     """torch transport: replica id -> rank of every prefill/decode node."""
 

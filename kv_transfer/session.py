@@ -1,7 +1,8 @@
 """The KV handoff state machines: `KVSender` on the prefill replica, `KVReceiver` on the decode one.
 
 The decode side allocates blocks and calls `receiver.expect(transfer_id, ...)`; the id and its
-block ids reach the prefill side out of band (the gateway); the prefill side then calls
+block ids reach the prefill side out of band (the decode replica sends them with the prompt; the
+gateway only picks the transfer id); the prefill side then calls
 `sender.send_chunk(...)` after every computed chunk and `send_done(...)` after the last one. Both
 sides are polled explicitly (like SGLang's KVPoll): nothing here blocks beyond a timeout.
 

@@ -121,22 +121,27 @@ class Scheduler:
     def add_remote_prefill(self, request: Request) -> bool:
         """Reserve blocks for the whole prompt now; its KV will be pushed by a prefill replica.
 
-        Returns False (nothing changed) when the blocks or a batch slot are not free right now, or
-        when earlier requests are waiting (reserving now would let this one overtake them): the
+        FCFS: the reservation may only use what the waiting queue does not need -- a batch slot
+        and the prompt blocks of every waiting request stay free for them -- so it never delays a
+        request that came earlier. Returns False (nothing changed) when that leaves no room; the
         caller then queues it, FCFS, for a local prefill with `add_request`.
         """
         self._validate(request)
-        if self.waiting:
+        if self.num_seqs_reserved + len(self.waiting) >= self.config.max_num_seqs:
             return False
-        if len(self.running) + len(self.remote_prefill) >= self.config.max_num_seqs:
-            return False
-        keep_free = self.watermark_blocks if self.running else 0
+        keep_free = self.watermark_blocks if self.running or self.waiting else 0
+        keep_free += sum(self.block_manager.num_new_blocks(r, r.num_tokens) for r in self.waiting)
         if not self.block_manager.can_allocate(request, request.num_tokens, reserve=keep_free):
             return False
         self.block_manager.allocate(request, request.num_tokens)
         self._by_id[request.request_id] = request
         self.remote_prefill[request.request_id] = request
         return True
+
+    @property
+    def num_seqs_reserved(self) -> int:
+        """Batch slots taken: running requests and those whose KV is being pushed here."""
+        return len(self.running) + len(self.remote_prefill)
 
     def remote_prefill_done(self, request_id: str, now: float) -> bool:
         """The prompt's KV has landed: the request joins the running batch.
@@ -199,7 +204,7 @@ class Scheduler:
     def admit(self, request: Request, now: float, reserve_tokens: int | None = None) -> bool:
         """Move `request` from waiting to running if blocks for `reserve_tokens` (default: its
         current tokens) can be allocated while keeping the watermark free."""
-        if len(self.running) + len(self.remote_prefill) >= self.config.max_num_seqs:
+        if self.num_seqs_reserved >= self.config.max_num_seqs:
             return False
         tokens = request.num_tokens if reserve_tokens is None else reserve_tokens
         # With nothing running there is nobody to protect: the watermark would only block.

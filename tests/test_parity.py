@@ -2,7 +2,8 @@
 
 A batch of prompts of different lengths runs with a token budget smaller than the longest prompt,
 so prefills are chunked and mixed with decodes; every sampled position must give HF's logits (fp32,
-tight tolerance) and HF's own greedy tokens for each request alone (up to the first near-tie).
+tight tolerance) and HF's own greedy tokens for each request alone (up to the first near-tie) --
+also when a KV cache too small for the batch forces preemptions (recompute).
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ CONFIGS = {
 }
 
 
-def run_engine(model_dir, prompts, budget=32, num_kv_blocks=64, block_size=16, **options):
+def run_engine(model_dir, prompts, budget=32, num_kv_blocks=64, block_size=16, stats=None, **options):
     """Greedy decode of every prompt at once -> (tokens, logits at sampled positions, steps that
-    mixed a prefill chunk with decodes, graphs compiled after warm-up)."""
+    mixed a prefill chunk with decodes, graphs compiled after warm-up); `stats`, a dict if given,
+    gets the scheduler's `preemptions`."""
     options.setdefault("dtype", "float32")
     cfg = EngineConfig(model_dir=str(model_dir), num_kv_blocks=num_kv_blocks, **options,
                        scheduler=SchedulerConfig(token_budget=budget, max_num_seqs=8,
@@ -51,6 +53,8 @@ def run_engine(model_dir, prompts, budget=32, num_kv_blocks=64, block_size=16, *
         for o in outs:
             tokens[o.request_id].extend(o.new_token_ids)
     assert engine.scheduler.block_manager.num_free_blocks == engine.runner.num_blocks
+    if stats is not None:
+        stats["preemptions"] = engine.scheduler.num_preemptions
     return tokens, logits, mixed_steps, engine.runner.recompiles_since_warmup
 
 
@@ -92,6 +96,26 @@ def test_tiny_llama_matches_hf_with_chunked_mixed_batches(make_tiny_model, name)
     assert mixed > 0, "no step mixed a prefill chunk with decodes"
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     compare_with_hf(hf, prompts, tokens, logits, atol=1e-4)
+
+
+def test_preemption_by_recompute_matches_hf(tiny_model_dir):
+    """A KV cache too small for the batch (16 blocks of 4 tokens for 8 requests wanting 40 blocks):
+    requests are preempted mid-decode, their KV dropped, and recomputed (prompt + tokens so far)
+    when they resume. Each still gets HF's logits at every sampled position and HF's own greedy
+    tokens for that prompt alone."""
+    from transformers import AutoModelForCausalLM
+
+    prompts = random_prompts(49152, (9, 14, 21, 30, 17, 25, 12, 6), seed=3)
+    stats = {}
+    tokens, logits, _, _ = run_engine(tiny_model_dir, prompts, budget=32, num_kv_blocks=16, block_size=4,
+                                      stats=stats)
+    assert stats["preemptions"] > 0, "the cache was big enough: nothing was preempted"
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    compare_with_hf(hf, prompts, tokens, logits, atol=1e-4)
+    for i, prompt in enumerate(prompts):   # every token, not only up to a near-tie (none is closer than 5e-5)
+        gen = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert tokens[f"r{i}"] == gen[0, len(prompt):].tolist(), f"r{i} differs from HF generate"
 
 
 def test_block_size_and_budget_do_not_change_results(tiny_model_dir):

@@ -17,7 +17,7 @@ from bench.server import local_server
 from tests.test_pd import THRESHOLD, base_args, complete, health, pd_args, prompts, wait_idle
 
 LOST_WITHIN_S = 5.0
-"""The issue's bound: a dead replica's requests end (or move) within this long."""
+"""Liveness bound: a dead replica's requests end (or move) within this long."""
 
 
 def metric(url: str, name: str, **labels: str) -> float:

@@ -241,11 +241,21 @@ def test_remote_prefill_does_not_overtake_requests_waiting_for_memory():
     waiting = make_request(1, 12, 4)                # needs 3 blocks, 2 free: waits
     sched.add_request(waiting)
     assert [c.request for c in sched.schedule(0.1).chunks] == [first]
-    late = make_request(2, 4, 2)                    # 1 block would fit, but it came later
+    late = make_request(2, 4, 2)                    # 1 block would fit, but r1 needs those 2
     assert not sched.add_remote_prefill(late)
     assert late.block_ids == [] and sched.get("r2") is None
     sched.add_request(late)                         # the caller's fallback: FCFS, behind r1
     assert list(sched.waiting) == [waiting, late]
+
+
+def test_remote_prefill_may_use_what_the_waiting_queue_does_not_need():
+    cfg = SchedulerConfig(token_budget=64, max_num_seqs=4, block_size=4, max_model_len=256, watermark=0.0)
+    sched = make_scheduler(cfg, 16)
+    sched.add_request(first := make_request(0, 8, 4))   # waiting (not yet scheduled): 2 blocks
+    assert sched.add_remote_prefill(make_request(1, 40, 4))     # 10 blocks: 14 <= 16
+    assert not sched.add_remote_prefill(make_request(2, 20, 4))  # 5 of the 6 left: r0 short
+    sched.update(out := sched.schedule(0.0), {"r0": 5}, 0.0)
+    assert first in sched.running and [c.request for c in out.chunks] == [first]
 
 
 def test_late_transfer_events_for_ended_requests_are_ignored():
