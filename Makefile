@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 ARGS   ?=
 
-.PHONY: install serve test test-fast test-slow bench-engine clean
+.PHONY: install serve test test-fast test-slow bench-engine chaos clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -37,6 +37,13 @@ test-slow: $(STAMP)
 
 bench-engine: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/tandem bench-engine $(ARGS)
+
+# The chaos run (tandem bench-chaos --help): hostile traffic against 1 hybrid + 1 prefill + 1 decode
+# replica of SmolLM2, the prefill replica SIGKILLed midway, one KV frame corrupted; fails if a
+# request hung or ended without a proper answer, a KV block leaked, or the server stopped answering.
+CHAOS_REQUESTS ?= 1000
+chaos: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/tandem bench-chaos --num-requests $(CHAOS_REQUESTS) --json chaos.json $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

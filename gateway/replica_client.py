@@ -278,9 +278,14 @@ class ReplicaPool:
                 raise Overloaded(f"every healthy replica ({len(healthy)}) already has "
                                  f"{max_waiting} requests waiting")
             placed.append(self._place(rid, prompt, sampling, placement, now))
+        targets = [stream.replica_id for stream, _ in placed]
         try:
-            for stream, msg in placed:
-                await self._send(stream.replica_id, msg)
+            for (stream, msg), target in zip(placed, targets):
+                # A replica lost during an earlier send has already had its requests moved (and
+                # sent) elsewhere or failed: sending this copy too would duplicate the request.
+                if stream.finished or stream.replica_id != target:
+                    continue
+                await self._send(target, msg)
         except BaseException as exc:
             for stream, _ in placed:
                 self._abort(stream)
