@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     server = build_server(args.role, args.replica_id, config, args.input_addr, args.output_addr,
                           KVConfig(**json.loads(args.kv_json)))
     # Until here SIGTERM kills outright (model loading); from now on it ends the loop cleanly.
+    # SIGINT too: Ctrl-C in a terminal reaches every process of the group, and the gateway sends
+    # Shutdown anyway, so a replica ends quietly instead of with a KeyboardInterrupt traceback.
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
     log.info("%s replica %s ready: %d KV blocks, %d threads", args.role, args.replica_id,
              server.engine.runner.num_blocks, torch.get_num_threads())
     server.serve()
