@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.client import RequestResult, RunResult
+from bench.results import RequestResult, RunResult
 
 PERCENTILES = (50, 90, 99)
 

@@ -216,11 +216,28 @@ def _replica_specs(deployment, base_cfg, launcher, kv_timeout_s: float):
     return specs
 
 
+def _check_parallelism(deployment, engine_cfg) -> None:
+    """The spec's tp/pp must suit the model; and until the parallel engine exists, a spec asking
+    for tp/pp > 1 is refused rather than quietly run on one device."""
+    from engine.model_config import ModelConfig
+
+    try:
+        deployment.check_model(ModelConfig.from_dir(engine_cfg.model_dir))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    parallel = [f"replicas[{i}] ({g.role}): tp={g.tp}, pp={g.pp}"
+                for i, g in enumerate(deployment.groups) if g.count and (g.tp > 1 or g.pp > 1)]
+    if parallel:
+        raise SystemExit("error: tensor/pipeline parallelism is not implemented yet (every replica "
+                         "runs on one device); " + "; ".join(parallel))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from cluster.launcher import LocalLauncher
 
     deployment = _deployment(args)
     engine_cfg = engine_config_from_args(args, deployment.model)
+    _check_parallelism(deployment, engine_cfg)
     launcher = LocalLauncher()
     for spec in _replica_specs(deployment, engine_cfg, launcher, args.kv_timeout):
         launcher.start(spec)

@@ -19,7 +19,7 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from scheduler.core import AdmissionError
 from scheduler.request import FinishReason, Request, SamplingParams
 from scheduler.policies import make_scheduler
-from scheduler.telemetry import IterationStats
+from scheduler.telemetry import IterationStats, iteration_stats
 
 
 class EngineCore:
@@ -131,13 +131,8 @@ class EngineCore:
         times = self.runner.times
         times.schedule, times.update = scheduled - start, time.perf_counter() - executed
         s = self.scheduler
-        self.last_step = IterationStats(
-            iteration=self.iteration, time=time.time(), step_time=time.perf_counter() - start,
-            token_budget=out.token_budget, num_decode_tokens=out.num_decode_tokens,
-            num_prefill_tokens=out.num_prefill_tokens, num_seqs=len(out.chunks),
-            num_preemptions=len(out.preempted_ids), num_running=len(s.running),
-            num_waiting=len(s.waiting), kv_cache_usage=s.block_manager.usage,
-        )
+        self.last_step = iteration_stats(s, out, iteration=self.iteration, time=time.time(),
+                                         step_time=time.perf_counter() - start)
         self.iteration += 1
         s.observe(self.last_step)
         return outputs

@@ -77,3 +77,35 @@ class ModelConfig:
             o_bias=attention_bias and model_type == "llama",
             sliding_window=c.get("sliding_window") if use_sliding else None,
         )
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+"""Bytes per element of each KV cache dtype, by name (sizing the cache needs no torch)."""
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: str) -> int:
+    """Bytes one KV block takes over all layers: K and V of `block_size` tokens; `dtype` is a
+    name in DTYPE_BYTES ("bfloat16", not torch.bfloat16)."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown KV cache dtype {dtype!r}; known: {sorted(DTYPE_BYTES)}")
+    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * DTYPE_BYTES[dtype]
+
+
+def shard_heads(num_heads: int, num_kv_heads: int, tp: int) -> list[tuple[int, int]]:
+    """(query heads, KV heads) per tensor-parallel rank, in rank order.
+
+    Ranks split the KV heads, each with its whole GQA group of query heads (a query head must sit
+    with the KV head it reads), as evenly as possible: the first `num_kv_heads % tp` ranks get one
+    KV head more. SmolLM2's 9 query / 3 KV heads at tp=2 -> [(6, 2), (3, 1)]. Torch-free, so the
+    deployment spec can check a TP degree against a model before anything is loaded.
+    """
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp must be an integer >= 1, got {tp!r}")
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if tp > num_kv_heads:
+        raise ValueError(f"tp={tp} exceeds the model's {num_kv_heads} KV heads "
+                         f"(tensor parallelism splits whole GQA groups)")
+    group = num_heads // num_kv_heads
+    base, extra = divmod(num_kv_heads, tp)
+    return [((base + (r < extra)) * group, base + (r < extra)) for r in range(tp)]

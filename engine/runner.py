@@ -22,7 +22,7 @@ from engine.attention import make_attention_backend
 from engine.config import EngineConfig
 from engine.device import resolve_dtype
 from engine.model import LlamaForCausalLM
-from engine.model_config import ModelConfig
+from engine.model_config import ModelConfig, kv_bytes_per_block
 from engine.quant import quantize_model
 from engine.sampler import LogprobEntry, Sampler, top_logprob_entries
 from engine.step_batch import StepBatch, prepare_step
@@ -33,10 +33,6 @@ log = logging.getLogger("tandem.runner")
 
 _PROMPT_LOGPROB_ROWS = 64
 """Prompt rows per LM-head call when computing prompt logprobs (bounds the [rows, vocab] buffer)."""
-
-
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
 
 
 @dataclass
@@ -88,7 +84,8 @@ class ModelRunner:
         quantize_model(self.model, config.quantization)
         self.model.to(self.device).eval().requires_grad_(False)
 
-        per_block = kv_bytes_per_block(model_config, self.block_size, self.dtype)
+        per_block = kv_bytes_per_block(model_config, self.block_size,
+                                       str(self.dtype).removeprefix("torch."))
         self.num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_gb * 2**30) // per_block)
         # One block more than the scheduler manages: padding rows write their K/V there.
         self.scratch_block = self.num_blocks

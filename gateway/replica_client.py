@@ -31,7 +31,7 @@ from engine.protocol import (
     decode, encode,
 )
 from gateway.replica_state import ReplicaState
-from gateway.routing import Placement, RoundRobin, Router
+from gateway.routing import Placement, RoundRobin, Router, charge, prefill_landed, release
 from scheduler.request import SamplingParams
 from scheduler.telemetry import IterationStats
 
@@ -304,32 +304,29 @@ class ReplicaPool:
         """Count `stream` against the replicas of `placement`; the message that sends it there."""
         replica, prefill = placement.replica, placement.prefill
         stream.replica_id = replica.replica_id
-        replica.outstanding += 1
-        replica.outstanding_tokens += stream.load_tokens
+        charge(placement, stream.load_tokens)
         self.route_decisions[placement.decision] += 1
         msg = AddRequest(stream.request_id, stream.prompt_token_ids, stream.sampling, time.time())
         if prefill is not None:
             stream.prefill_replica_id = prefill.replica_id
-            prefill.prefill_queue += 1
             msg.remote_prefill = {"transfer_id": f"kv-{uuid.uuid4().hex[:16]}",
                                   "prefill_replica": prefill.replica_id,
                                   "prefill_addr": prefill.address}
         return msg
 
     def _unassign(self, stream: RequestStream) -> None:
-        replica = self._replicas.get(stream.replica_id)
-        if replica is not None:
-            replica.outstanding -= 1
-            replica.outstanding_tokens -= stream.load_tokens
-        self._prefill_landed(stream)
+        release(self._replicas.get(stream.replica_id), self._pop_prefill(stream),
+                stream.load_tokens)
 
     def _prefill_landed(self, stream: RequestStream) -> None:
         """The prompt of a pd request is done (first output or finish): free its prefill slot."""
-        if stream.prefill_replica_id is not None:
-            prefill = self._replicas.get(stream.prefill_replica_id)
-            if prefill is not None:
-                prefill.prefill_queue -= 1
-            stream.prefill_replica_id = None
+        prefill_landed(self._pop_prefill(stream))
+
+    def _pop_prefill(self, stream: RequestStream) -> ReplicaState | None:
+        """The prefill replica still counting `stream` in its queue (None: none), forgotten here
+        so that its slot is freed once."""
+        rid, stream.prefill_replica_id = stream.prefill_replica_id, None
+        return None if rid is None else self._replicas.get(rid)
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
                        sampling: SamplingParams) -> AsyncIterator[RequestOutput]:

@@ -6,6 +6,10 @@ prompt first (conditional disaggregation).
     pd            least_loaded, and a prompt longer than `offload_threshold` goes to the prefill
                   replica with the shortest queue -- if that queue is short; else it is prefilled
                   where it decodes (stall-free chunking keeps that cheap)
+
+The policies read the counters of `ReplicaState` that `charge`, `release` and `prefill_landed`
+keep: the gateway's `ReplicaPool` calls them as requests are placed, finish and get their first
+token, and a simulator can drive the same accounting without sockets.
 """
 from __future__ import annotations
 
@@ -85,6 +89,34 @@ class ConditionalDisaggregation(LeastLoaded):
         placement.prefill = queue
         placement.decision = "offload"
         return placement
+
+
+def charge(placement: Placement, load_tokens: int) -> None:
+    """Count a request just placed by `placement` against its replicas: one more outstanding
+    request and `load_tokens` (prompt + max_tokens) on the streaming replica, and one more prompt
+    in the queue of its prefill replica, if any."""
+    placement.replica.outstanding += 1
+    placement.replica.outstanding_tokens += load_tokens
+    if placement.prefill is not None:
+        placement.prefill.prefill_queue += 1
+
+
+def release(replica: ReplicaState | None, prefill: ReplicaState | None, load_tokens: int) -> None:
+    """Undo `charge` for a request that finished (or moves elsewhere). `prefill` is None once its
+    prefill has landed (`prefill_landed` already freed that slot); either is None when the
+    replica is no longer known."""
+    if replica is not None:
+        replica.outstanding -= 1
+        replica.outstanding_tokens -= load_tokens
+    prefill_landed(prefill)
+
+
+def prefill_landed(prefill: ReplicaState | None) -> None:
+    """The prompt a pd request handed to `prefill` is done (its first output arrived, it ended,
+    or the prefill replica was lost): free its slot in that queue. Call at most once per
+    request -- the caller forgets the prefill replica afterwards."""
+    if prefill is not None:
+        prefill.prefill_queue -= 1
 
 
 def make_router(name: str, offload_threshold: int = 512):

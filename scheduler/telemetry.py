@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # scheduler.core imports this module: no runtime import back
+    from scheduler.core import Scheduler, SchedulerOutput
 
 
 @dataclass
@@ -22,3 +26,17 @@ class IterationStats:
     num_running: int
     num_waiting: int
     kv_cache_usage: float
+
+
+def iteration_stats(scheduler: "Scheduler", out: "SchedulerOutput", *, iteration: int,
+                    time: float, step_time: float) -> IterationStats:
+    """The record of one step that ran `out`, read after `scheduler.update` (queues and KV usage
+    as the step left them). EngineCore builds its records here, so that a simulator
+    stepping the same scheduler records identical ones."""
+    return IterationStats(
+        iteration=iteration, time=time, step_time=step_time,
+        token_budget=out.token_budget, num_decode_tokens=out.num_decode_tokens,
+        num_prefill_tokens=out.num_prefill_tokens, num_seqs=len(out.chunks),
+        num_preemptions=len(out.preempted_ids), num_running=len(scheduler.running),
+        num_waiting=len(scheduler.waiting), kv_cache_usage=scheduler.block_manager.usage,
+    )

@@ -86,6 +86,20 @@ def test_judge_reasons():
         CapacityCriteria(tbt_slo_s=-1)
 
 
+def test_judge_uses_the_measured_scheduling_delay_when_there_is_one():
+    c = CapacityCriteria(tbt_slo_s=0.1, max_p50_ttft_s=2.0)
+    # Without it, the median TTFT stands in for the delay.
+    t = judge(TrialResult(1, 0.05, 2.5, 20, 0), c)
+    assert not t.passed and t.reason == "P50 TTFT 2.500 s > 2 s"
+    assert judge(TrialResult(1, 0.05, 1.5, 20, 0), c).passed
+    # With it, the delay decides, whatever the TTFT (prefill time is not scheduling delay).
+    t = judge(TrialResult(1, 0.05, 2.5, 20, 0, p50_sched_delay_s=1.0), c)
+    assert t.passed and t.reason == "ok"
+    t = judge(TrialResult(1, 0.05, 1.5, 20, 0, p50_sched_delay_s=2.1), c)
+    assert not t.passed and t.reason == "P50 scheduling delay 2.100 s > 2 s"
+    assert TrialResult(1, 0.05, 1.5).to_dict()["p50_sched_delay_s"] is None
+
+
 def test_progress_callback_and_json():
     run, _ = fake_server(10.0)
     seen = []

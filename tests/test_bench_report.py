@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.client import RequestResult, RunResult
+from bench.results import RequestResult, RunResult
 from bench.report import SLO, format_table, goodput, latency_stats, meets_slo, percentile, summarize
 
 

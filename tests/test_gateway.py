@@ -521,11 +521,36 @@ def test_least_loaded_ties_go_by_id_so_equal_requests_spread_evenly():
     router = make_router("least_loaded")
     reps = [_replica_state(rid) for rid in ("c", "a", "b")]
     placed = []
-    for _ in range(6):   # the pool adds each request's tokens to its replica (ReplicaPool._place)
+    for _ in range(6):   # the pool charges each request's tokens to its replica (routing.charge)
         choice = router.place(reps, 10).replica
         choice.outstanding_tokens += 10 + 16
         placed.append(choice.replica_id)
     assert placed == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_routing_accounting_without_a_pool_steers_pd_like_the_pool_does():
+    """charge / prefill_landed / release keep the counters the routers read (what ReplicaPool
+    calls on place / first output / finish), so a simulator can drive them with no sockets."""
+    from gateway.routing import ConditionalDisaggregation, charge, prefill_landed, release
+
+    router = ConditionalDisaggregation(offload_threshold=100, max_prefill_queue=2)
+    reps = [_replica_state("d", role="decode"), _replica_state("p", role="prefill")]
+    decode, prefill = reps
+    placed = []
+    for _ in range(3):
+        placement = router.place(reps, 500)
+        charge(placement, 500 + 16)
+        placed.append(placement)
+    assert [p.decision for p in placed] == ["offload", "offload", "local_prefill_busy"]
+    assert (decode.outstanding, decode.outstanding_tokens, prefill.prefill_queue) == (3, 3 * 516, 2)
+    assert (prefill.outstanding, prefill.outstanding_tokens) == (0, 0)
+    prefill_landed(placed[0].prefill)          # first token of the first request: its slot frees
+    assert prefill.prefill_queue == 1 and router.place(reps, 500).decision == "offload"
+    release(decode, None, 516)                 # ... and it finishes (its prefill already landed)
+    release(decode, placed[1].prefill, 516)    # the second ends before its first token
+    release(decode, None, 516)                 # the local one
+    assert (decode.outstanding, decode.outstanding_tokens, prefill.prefill_queue) == (0, 0, 0)
+    release(None, None, 516)                   # a replica the pool no longer knows: no-op
 
 
 def test_make_router_names_an_unknown_routing():

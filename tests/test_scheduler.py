@@ -195,6 +195,30 @@ def test_importing_scheduler_does_not_load_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_modules_a_simulator_shares_load_neither_torch_nor_httpx():
+    code = ("import sys, scheduler.telemetry, engine.model_config, gateway.routing, bench.results; "
+            "loaded = {'torch', 'httpx'} & set(sys.modules); assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_iteration_stats_reads_the_step_and_the_queues_it_left():
+    from scheduler.telemetry import iteration_stats
+
+    cfg = SchedulerConfig(token_budget=16, max_num_seqs=2, block_size=4, max_model_len=256)
+    sched = make_scheduler(cfg, 64)
+    for i in range(3):
+        sched.add_request(make_request(i, 10, 2, arrival=0.0))
+    out = sched.schedule(0.0)
+    sched.update(out, {c.request.request_id: 1 for c in out.chunks if c.samples}, 0.0)
+    stats = iteration_stats(sched, out, iteration=7, time=123.0, step_time=0.5)
+    assert (stats.iteration, stats.time, stats.step_time) == (7, 123.0, 0.5)
+    assert stats.token_budget == out.token_budget == 16
+    assert (stats.num_prefill_tokens, stats.num_decode_tokens) == (16, 0)
+    assert stats.num_seqs == len(out.chunks) == 2 and stats.num_preemptions == 0
+    assert (stats.num_running, stats.num_waiting) == (2, 1)
+    assert stats.kv_cache_usage == sched.block_manager.usage > 0
+
+
 def test_remote_prefill_reserves_blocks_then_joins_as_a_decode():
     cfg = SchedulerConfig(token_budget=16, max_num_seqs=4, block_size=4, max_model_len=256)
     sched = make_scheduler(cfg, 32)

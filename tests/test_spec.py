@@ -125,3 +125,16 @@ def test_bad_group_overrides_name_the_setting(group, message):
     with pytest.raises(ValueError, match=message):
         spec = DeploymentSpec.from_yaml(f"replicas: [{{role: hybrid, {group}}}]")
         apply_overrides(base, spec.groups[0].overrides)
+
+
+def test_serve_checks_tp_against_the_model_and_refuses_parallel_replicas_for_now(tiny_model_dir):
+    from cluster.cli import _check_parallelism
+    from engine.config import EngineConfig
+
+    cfg = EngineConfig(model_dir=str(tiny_model_dir))          # 4 query heads, 2 KV heads
+    too_wide = DeploymentSpec.from_yaml("replicas: [{role: hybrid, count: 1, tp: 4}]")
+    with pytest.raises(SystemExit, match=r"tp=4 exceeds the model's 2 KV heads"):
+        _check_parallelism(too_wide, cfg)
+    with pytest.raises(SystemExit, match=r"not implemented yet.*replicas\[0\] \(hybrid\): tp=2"):
+        _check_parallelism(DeploymentSpec.from_yaml("replicas: [{role: hybrid, count: 1, tp: 2}]"), cfg)
+    _check_parallelism(DeploymentSpec.from_yaml("replicas: [{role: hybrid, count: 1}]"), cfg)
