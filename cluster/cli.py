@@ -54,8 +54,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="Attention backend: torch (on CPU, C kernels built at first use that read "
                         "the paged cache in place, for decodes and prefill chunks; a torch fallback "
                         "without a C compiler) or flashinfer (CUDA only).")
+    g.add_argument("--tp", type=int, default=1,
+                   help="Tensor-parallel ranks per replica (hybrid replicas with `serve`): heads split by whole "
+                        "GQA groups, MLP by columns, one process per rank, two all-reduces per "
+                        "layer (Gloo on CPU, NCCL on CUDA). Runs eagerly (no --compile) for now.")
     g.add_argument("--threads", type=int, default=0,
-                   help="torch threads of the replica process (default: all cores).")
+                   help="torch threads of each replica process, of each rank with --tp (default: "
+                        "the cores split evenly among replicas and their ranks).")
     g.add_argument("--max-model-len", type=int, default=None,
                    help=f"Longest prompt + output in tokens (default: the model's context, at most "
                         f"{MAX_DEFAULT_MODEL_LEN}).")
@@ -131,7 +136,8 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None = None):
             block_size=args.block_size, max_model_len=max_len, watermark=args.watermark,
             budget=budget)
         return EngineConfig(model_dir=str(model_dir), model_name=name, dtype=args.dtype,
-                            compile=args.compile, quantization=args.quantization, device=args.device, attention=args.attention, threads=args.threads,
+                            compile=args.compile, quantization=args.quantization, device=args.device,
+                            attention=args.attention, threads=args.threads, tp=args.tp,
                             kv_cache_gb=args.kv_cache_gb, num_kv_blocks=args.num_kv_blocks,
                             trace_file=args.trace_file, scheduler=sched)
     except ValueError as e:
@@ -171,7 +177,8 @@ def _deployment(args: argparse.Namespace):
     p, d, h = args.prefill_replicas, args.decode_replicas, args.hybrid_replicas
     if h is None:
         h = 0 if (p or d) else 1
-    groups = tuple(ReplicaGroup(role, n) for role, n in (("prefill", p), ("decode", d), ("hybrid", h)) if n)
+    groups = tuple(ReplicaGroup(role, n, tp=args.tp) for role, n in (("prefill", p), ("decode", d), ("hybrid", h))
+                   if n)
     try:
         return DeploymentSpec(groups=groups, routing=args.routing, offload_threshold=args.offload_threshold,
                               kv_transport=args.kv_transport, kv_codec=args.kv_codec)
@@ -203,8 +210,9 @@ def _replica_specs(deployment, base_cfg, launcher, kv_timeout_s: float):
     specs = []
     for rid, group, threads in replicas:
         try:
-            cfg = apply_overrides(replace(base_cfg, threads=base_cfg.threads or threads,
-                                          device=devices[rid]), group.overrides)
+            # Without --threads, a replica's share of the cores is split among its ranks.
+            cfg = apply_overrides(replace(base_cfg, threads=base_cfg.threads or max(1, threads // group.tp),
+                                          device=devices[rid], tp=group.tp), group.overrides)
         except ValueError as e:
             raise SystemExit(f"error: replica {rid}: {e}") from None
         kv = KVConfig(transport=deployment.kv_transport, codec=deployment.kv_codec, timeout_s=kv_timeout_s)
@@ -217,19 +225,22 @@ def _replica_specs(deployment, base_cfg, launcher, kv_timeout_s: float):
 
 
 def _check_parallelism(deployment, engine_cfg) -> None:
-    """The spec's tp/pp must suit the model; and until the parallel engine exists, a spec asking
-    for tp/pp > 1 is refused rather than quietly run on one device."""
+    """The spec's tp/pp must suit the model; what is not built yet (pipeline parallelism, tensor
+    parallelism for prefill/decode replicas, whose KV would have to move shard by shard) is
+    refused rather than quietly run on one device."""
     from engine.model_config import ModelConfig
 
     try:
         deployment.check_model(ModelConfig.from_dir(engine_cfg.model_dir))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    parallel = [f"replicas[{i}] ({g.role}): tp={g.tp}, pp={g.pp}"
-                for i, g in enumerate(deployment.groups) if g.count and (g.tp > 1 or g.pp > 1)]
-    if parallel:
-        raise SystemExit("error: tensor/pipeline parallelism is not implemented yet (every replica "
-                         "runs on one device); " + "; ".join(parallel))
+    unsupported = [f"replicas[{i}] ({g.role}): tp={g.tp}, pp={g.pp}"
+                   for i, g in enumerate(deployment.groups)
+                   if g.count and (g.pp > 1 or (g.tp > 1 and g.role != "hybrid"))]
+    if unsupported:
+        raise SystemExit("error: not implemented yet: pipeline parallelism, and tensor parallelism "
+                         "for prefill/decode replicas (hybrid replicas take --tp); "
+                         + "; ".join(unsupported))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

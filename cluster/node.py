@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import signal
+import sys
 
 import torch
 
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("%s replica %s ready: %d KV blocks, %d threads", args.role, args.replica_id,
              server.engine.runner.num_blocks, torch.get_num_threads())
     server.serve()
+    sys.exit(server.exit_code)
 
 
 if __name__ == "__main__":

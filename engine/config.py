@@ -43,6 +43,12 @@ class EngineConfig:
     """Seed of the shared sampling generator (requests with their own seed use that)."""
     trace_file: str | None = None
     """Append one JSON line of telemetry per iteration here (see scheduler.telemetry)."""
+    tp: int = 1
+    """Tensor-parallel ranks of the replica: attention heads split by whole GQA groups and the MLP
+    by columns, two all-reduces per layer. Rank 0 (the driver) schedules and samples and starts
+    the other ranks as worker processes (engine/tensor_parallel.py)."""
+    tp_rank: int = 0
+    """This process's tensor-parallel rank (0 = the driver); set for the workers it starts."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -56,6 +62,10 @@ class EngineConfig:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.num_kv_blocks is None and not self.kv_cache_gb > 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if isinstance(self.tp, bool) or not isinstance(self.tp, int) or self.tp < 1:
+            raise ValueError(f"tp must be an integer >= 1, got {self.tp!r}")
+        if not 0 <= self.tp_rank < self.tp:
+            raise ValueError(f"tp_rank must be in [0, {self.tp}), got {self.tp_rank!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
 

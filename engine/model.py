@@ -8,6 +8,12 @@ as arguments, so the same function runs eagerly or under torch.compile.
 Projections are fused at load (q/k/v into `qkv_proj`, gate/up into `gate_up_proj`): one matmul
 instead of three or two, which matters most at small batch where a step is launch-bound.
 Checkpoints keep HF names; `load_weights` fuses them.
+
+With tensor parallelism (`shard`, engine/tensor_parallel.py) a layer holds its rank's query/KV
+heads and MLP columns: q/k/v and gate/up are column-parallel (rows of the weight sliced at load),
+o_proj and down are row-parallel, and `reduce` sums their partial outputs over the ranks.
+Embedding and LM head stay whole on every rank (small next to the layers; only the driver uses
+the LM head).
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from torch import nn
 
 from engine.attention import AttentionInputs
 from engine.model_config import ModelConfig
+from engine.tensor_parallel import Shard, make_shard
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -55,17 +62,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: Shard, reduce=None) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = shard.num_heads, shard.num_kv_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
-        h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.reduce = reduce
+        """Sums the row-parallel outputs over the ranks (None without tensor parallelism)."""
+        h, q, kv = cfg.hidden_size, shard.num_heads * cfg.head_dim, shard.num_kv_heads * cfg.head_dim
         self.input_layernorm = nn.Parameter(torch.ones(h))
         self.qkv_proj = nn.Linear(h, q + 2 * kv, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q, h, bias=cfg.o_bias)
+        # The bias of a row-parallel layer is added once, by rank 0, not once per rank.
+        self.o_proj = nn.Linear(q, h, bias=cfg.o_bias and shard.rank == 0)
         self.post_attention_layernorm = nn.Parameter(torch.ones(h))
-        self.gate_up_proj = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.gate_up_proj = nn.Linear(h, 2 * shard.ffn_size, bias=False)
+        self.down_proj = nn.Linear(shard.ffn_size, h, bias=False)
         self.split = (q, kv, kv)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
@@ -77,17 +87,20 @@ class DecoderLayer(nn.Module):
         k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)   # [T, Hkv, D]
         v = v.view(t, self.num_kv_heads, self.head_dim)
         o = backend.forward(q, k, v, kv_cache, attn, self.head_dim ** -0.5)    # [T, Hq, D]
-        x = x + self.o_proj(o.reshape(t, -1))
+        attn_out = self.o_proj(o.reshape(t, -1))                                # [T, hidden]
+        x = x + (attn_out if self.reduce is None else self.reduce(attn_out))
         gate, up = self.gate_up_proj(rms_norm(x, self.post_attention_layernorm, self.eps)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        mlp_out = self.down_proj(F.silu(gate) * up)                             # [T, hidden]
+        return x + (mlp_out if self.reduce is None else self.reduce(mlp_out))
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: Shard | None = None, reduce=None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.shard = shard or make_shard(cfg, 1, 0)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.shard, reduce) for _ in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         # Tied checkpoints share the embedding; it is still a Linear of its own so that the LM
         # head can be quantized or prepacked independently of the embedding lookup.
@@ -116,6 +129,13 @@ class LlamaForCausalLM(nn.Module):
             hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
         state = {"embed_tokens.weight": hf.pop("model.embed_tokens.weight"),
                  "norm": hf.pop("model.norm.weight"), "lm_head.weight": hf.pop("lm_head.weight")}
+        # This rank's slices (all of it without tensor parallelism): rows of q/k/v and gate/up,
+        # columns of o_proj and down.
+        d, sh = self.cfg.head_dim, self.shard
+        rows = {"q": slice(sh.q_heads[0] * d, sh.q_heads[1] * d),
+                "k": slice(sh.kv_heads[0] * d, sh.kv_heads[1] * d),
+                "v": slice(sh.kv_heads[0] * d, sh.kv_heads[1] * d)}
+        ffn = slice(*sh.ffn)
         for i in range(self.cfg.num_layers):
             p = f"model.layers.{i}."
             try:
@@ -123,13 +143,15 @@ class LlamaForCausalLM(nn.Module):
                 state[f"layers.{i}.post_attention_layernorm"] = hf.pop(p + "post_attention_layernorm.weight")
                 for kind in ("weight", "bias") if self.cfg.qkv_bias else ("weight",):
                     state[f"layers.{i}.qkv_proj.{kind}"] = torch.cat(
-                        [hf.pop(f"{p}self_attn.{n}_proj.{kind}") for n in "qkv"])
-                state[f"layers.{i}.o_proj.weight"] = hf.pop(p + "self_attn.o_proj.weight")
+                        [hf.pop(f"{p}self_attn.{n}_proj.{kind}")[rows[n]] for n in "qkv"])
+                state[f"layers.{i}.o_proj.weight"] = hf.pop(p + "self_attn.o_proj.weight")[:, rows["q"]]
                 if self.cfg.o_bias:
-                    state[f"layers.{i}.o_proj.bias"] = hf.pop(p + "self_attn.o_proj.bias")
+                    bias = hf.pop(p + "self_attn.o_proj.bias")
+                    if sh.rank == 0:
+                        state[f"layers.{i}.o_proj.bias"] = bias
                 state[f"layers.{i}.gate_up_proj.weight"] = torch.cat(
-                    [hf.pop(p + "mlp.gate_proj.weight"), hf.pop(p + "mlp.up_proj.weight")])
-                state[f"layers.{i}.down_proj.weight"] = hf.pop(p + "mlp.down_proj.weight")
+                    [hf.pop(p + "mlp.gate_proj.weight")[ffn], hf.pop(p + "mlp.up_proj.weight")[ffn]])
+                state[f"layers.{i}.down_proj.weight"] = hf.pop(p + "mlp.down_proj.weight")[:, ffn]
             except KeyError as e:
                 raise ValueError(f"checkpoint does not match the model: missing {e.args[0]}") from None
         unexpected = [k for k in hf if "rotary_emb" not in k]

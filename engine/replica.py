@@ -91,6 +91,8 @@ class ReplicaServer:
         self.poller = zmq.Poller()
         self.poller.register(self.inputs, zmq.POLLIN)
         self._running = True
+        self.exit_code = 0
+        """Non-zero when the loop ended on an error the replica cannot recover from."""
         self._parent = os.getppid()
         # Line-buffered so a trace can be followed (tail -f) while the replica runs.
         self._trace_file = open(config.trace_file, "a", buffering=1) if config.trace_file else None
@@ -196,6 +198,14 @@ class ReplicaServer:
             except Exception as e:
                 log.exception("step failed")
                 outputs.extend(self._fail_all(f"replica step failed: {e}"))
+                if getattr(e, "fatal", False):   # e.g. a tensor-parallel rank died: restart whole
+                    for o in outputs:
+                        o.retryable = True   # the requests were fine; the restarted replica is not
+                    self._send(protocol.StepOutputs(self.replica_id, self.visible(outputs), self.stats()))
+                    log.error("replica %s cannot continue (%s); exiting so it is restarted",
+                              self.replica_id, e)
+                    self.exit_code = 1
+                    break
             outputs = self.visible(outputs)
             kv_events = self.kv_events()
             # Inputs (aborts, adds) change the state even when nothing is sent: keep beats fresh.
@@ -221,6 +231,7 @@ class ReplicaServer:
         return outputs
 
     def close(self) -> None:
+        self.engine.runner.close()
         self.heartbeat.stop()
         if self.heartbeat.is_alive():
             self.heartbeat.join(timeout=2)

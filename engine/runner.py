@@ -26,6 +26,7 @@ from engine.model_config import ModelConfig, kv_bytes_per_block
 from engine.quant import quantize_model
 from engine.sampler import LogprobEntry, Sampler, top_logprob_entries
 from engine.step_batch import StepBatch, prepare_step
+from engine.tensor_parallel import Workers, all_reduce, make_shard, max_kv_heads
 from engine.weights import load_state_dict
 from scheduler.core import SchedulerOutput
 
@@ -78,18 +79,24 @@ class ModelRunner:
         self.block_size = config.scheduler.block_size
         self.keep_logits = keep_logits
 
-        self.model = LlamaForCausalLM(model_config).to(dtype=self.dtype)
+        # Tensor parallelism: the driver (rank 0) starts the other ranks, which build their
+        # shards in their own processes while it builds its own.
+        self.workers = Workers(config) if config.tp > 1 and config.tp_rank == 0 else None
+        self.shard = make_shard(model_config, config.tp, config.tp_rank)
+        self.model = LlamaForCausalLM(model_config, self.shard,
+                                      all_reduce if config.tp > 1 else None).to(dtype=self.dtype)
         self.model.load_weights(load_state_dict(config.model_dir, self.dtype))
         self.model.inv_freq = self.model.inv_freq.float()  # RoPE angles stay fp32 in every dtype
         quantize_model(self.model, config.quantization)
         self.model.to(self.device).eval().requires_grad_(False)
 
-        per_block = kv_bytes_per_block(model_config, self.block_size,
-                                       str(self.dtype).removeprefix("torch."))
+        # Sized by the largest shard's KV heads, so every rank gets the same number of blocks.
+        cache_cfg = replace(model_config, num_kv_heads=max_kv_heads(model_config, config.tp))
+        per_block = kv_bytes_per_block(cache_cfg, self.block_size, str(self.dtype).removeprefix("torch."))
         self.num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_gb * 2**30) // per_block)
         # One block more than the scheduler manages: padding rows write their K/V there.
         self.scratch_block = self.num_blocks
-        shape = (self.num_blocks + 1, 2, self.block_size, model_config.num_kv_heads, model_config.head_dim)
+        shape = (self.num_blocks + 1, 2, self.block_size, self.shard.num_kv_heads, model_config.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(model_config.num_layers)]
         sched = config.scheduler
@@ -105,7 +112,9 @@ class ModelRunner:
         """Rows and logit rows every forward gets, padding if needed (2 when compiled: dynamo
         specialises a size of 1, and one dynamic graph for every step is worth a padding row)."""
         self.compile_seconds = 0.0
-        if config.compile:
+        if config.compile and config.tp > 1:
+            log.warning("--compile is not supported with tensor parallelism yet; running eagerly")
+        elif config.compile:
             from engine.compile import compile_runner  # noqa: PLC0415 - only when compiling
 
             self.compile_seconds = compile_runner(self)
@@ -123,6 +132,12 @@ class ModelRunner:
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)
 
+    def close(self) -> None:
+        """Stop the tensor-parallel worker ranks, if any."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
+
     # -- the step ----------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput) -> StepBatch:
         return prepare_step(out, self.block_size)
@@ -130,9 +145,11 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """The model over one StepBatch -> final hidden states of `batch.logit_rows`."""
-        cfg = self.model_config
+        if self.workers is not None:
+            self.workers.broadcast(batch)   # they pad and plan it as below, on their own heads
         batch = self._pad(batch)
-        attn = self.backend.plan(batch, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        attn = self.backend.plan(batch, self.shard.num_heads, self.shard.num_kv_heads,
+                                 self.model_config.head_dim, self.dtype)
         to = self.device
         return self._forward(torch.from_numpy(batch.input_ids).to(to), torch.from_numpy(batch.positions).to(to),
                              self.kv_caches, attn, torch.from_numpy(batch.logit_rows).to(to), self.backend)

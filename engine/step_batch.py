@@ -142,3 +142,27 @@ def prepare_step(out: SchedulerOutput, block_size: int,
         logit_rows=np.concatenate(logit_rows), samples=tuple(samples),
         prompt_logprobs=tuple(prompt_logprobs),
     )
+
+
+_FORWARD_ARRAYS = ("input_ids", "positions", "slot_mapping", "seq_info", "block_table", "logit_rows")
+
+
+def encode_forward(batch: StepBatch) -> bytes:
+    """The part of a StepBatch every tensor-parallel rank's forward reads, as one msgpack frame
+    (arrays as dtype, shape, raw bytes; never pickle). Sampling specs stay with the driver."""
+    import msgpack  # noqa: PLC0415 - only the tensor-parallel driver and workers frame batches
+
+    body = {name: (getattr(batch, name).dtype.str, getattr(batch, name).shape,
+                   getattr(batch, name).tobytes()) for name in _FORWARD_ARRAYS}
+    body["num_short_seqs"] = batch.num_short_seqs
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode_forward(data: bytes) -> StepBatch:
+    """`encode_forward`'s frame -> a StepBatch with the forward's arrays (no samples)."""
+    import msgpack  # noqa: PLC0415
+
+    body = msgpack.unpackb(data, raw=False)
+    arrays = {name: np.frombuffer(raw, np.dtype(dt)).reshape(shape).copy()   # writable, as torch wants
+              for name, (dt, shape, raw) in ((n, body[n]) for n in _FORWARD_ARRAYS)}
+    return StepBatch(num_short_seqs=body["num_short_seqs"], **arrays)
