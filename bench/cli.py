@@ -50,7 +50,7 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="Do not show a progress bar.")
 
 
-def _add_workload_args(p: argparse.ArgumentParser) -> None:
+def add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--num-requests", type=int, default=None,
                    help="Requests per run (default 100; with --trace-jsonl: all of its lines).")
@@ -84,6 +84,25 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-output-tokens", type=int, default=None, help="Cap on output tokens.")
     g.add_argument("--dump-workload", default=None, metavar="PATH",
                    help="Also write the generated workload as JSONL (replayable with --trace-jsonl).")
+
+
+def add_search_args(p: argparse.ArgumentParser, *, tolerance: float = 0.1, max_qps: float = 64.0,
+                    max_trials: int = 12,
+                    delay_help: str = "Median TTFT limit in s (proxy for the paper's 2 s median "
+                                      "scheduling delay).") -> None:
+    """The capacity criteria and search options (`tandem capacity`, `tandem sim capacity`)."""
+    p.add_argument("--tbt-slo-ms", type=float, required=True, help="P99 time-between-tokens SLO in ms.")
+    p.add_argument("--max-p50-ttft-s", type=float, default=2.0, help=delay_help)
+    p.add_argument("--max-error-fraction", type=float, default=0.0,
+                   help="Share of failed requests (timeouts, 429/503...) a passing trial may have "
+                        "(default 0).")
+    p.add_argument("--start-qps", type=float, default=1.0, help="First rate tried (default 1).")
+    p.add_argument("--min-qps", type=float, default=0.05, help="Lowest rate tried (default 0.05).")
+    p.add_argument("--max-qps", type=float, default=max_qps, help=f"Highest rate tried (default {max_qps:g}).")
+    p.add_argument("--tolerance", type=float, default=tolerance,
+                   help=f"Stop when the failing rate is within this fraction above the passing one "
+                        f"({tolerance:g}).")
+    p.add_argument("--max-trials", type=int, default=max_trials, help=f"Most trials (default {max_trials}).")
 
 
 def workload_config(args: argparse.Namespace):
@@ -134,7 +153,7 @@ def _run(args, workload, model: str | None, run_timeout_s: float | None, title: 
                                     prompts=_prompts(args), on_done=on_done))
 
 
-def _write_json(path: str | None, data: dict) -> None:
+def write_json(path: str | None, data: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(data, indent=1) + "\n")
@@ -161,20 +180,30 @@ def cmd_bench(args: argparse.Namespace) -> None:
           "prompt_mode": "token_ids" if args.token_ids else f"words x{args.tokens_per_word:g}"}
     summary = summarize(run, slo, label=args.label, workload=wl)
     print(format_table(summary))
-    _write_json(args.json_out, summary)
+    write_json(args.json_out, summary)
+
+
+def search_config(args: argparse.Namespace):
+    """(WorkloadConfig, CapacityCriteria) of `add_workload_args` + `add_search_args` options,
+    the workload built once to validate it; ValueError/OSError name what is wrong."""
+    from bench.capacity import CapacityCriteria
+    from bench.workload import build_workload
+
+    cfg = workload_config(args)
+    criteria = CapacityCriteria(tbt_slo_s=args.tbt_slo_ms / 1000, max_p50_ttft_s=args.max_p50_ttft_s,
+                                max_error_fraction=args.max_error_fraction)
+    build_workload(cfg, args.start_qps)
+    return cfg, criteria
 
 
 def cmd_capacity(args: argparse.Namespace) -> None:
-    from bench.capacity import CapacityCriteria, TrialResult, find_capacity, judge
+    from bench.capacity import TrialResult, find_capacity, judge
     from bench.client import fetch_model
     from bench.report import summarize
     from bench.workload import build_workload
 
     try:
-        cfg = workload_config(args)
-        criteria = CapacityCriteria(tbt_slo_s=args.tbt_slo_ms / 1000, max_p50_ttft_s=args.max_p50_ttft_s,
-                                    max_error_fraction=args.max_error_fraction)
-        build_workload(cfg, args.start_qps)  # validate before touching the server
+        cfg, criteria = search_config(args)   # validated before touching the server
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     model = args.model or asyncio.run(fetch_model(args.url, _api_key(args)))
@@ -207,7 +236,7 @@ def cmd_capacity(args: argparse.Namespace) -> None:
     cap = ("none (even the lowest rate failed)" if result.capacity_qps is None
            else f"{result.capacity_qps:.3f} qps")
     print(f"capacity: {cap} [{result.status}; bracket {result.lo_qps} .. {result.hi_qps}]")
-    _write_json(args.json_out, {
+    write_json(args.json_out, {
         "kind": "capacity", "label": args.label, "url": args.url, "model": model,
         "tbt_slo_ms": args.tbt_slo_ms, "criteria": asdict(criteria), "workload": asdict(cfg),
         "search": {"start_qps": args.start_qps, "min_qps": args.min_qps, "max_qps": args.max_qps,
@@ -252,7 +281,7 @@ def add_bench_commands(subparsers) -> None:
     b.add_argument("--ttft-slo-ms", type=float, default=None, help="Goodput: TTFT SLO in ms.")
     b.add_argument("--tbt-slo-ms", type=float, default=None,
                    help="Goodput: SLO on each request's own P99 time between tokens, in ms.")
-    _add_workload_args(b)
+    add_workload_args(b)
     _add_client_args(b)
     b.set_defaults(func=cmd_bench)
 
@@ -267,22 +296,11 @@ def add_bench_commands(subparsers) -> None:
                     "bench run of --num-requests requests (same seed, so the same lengths at every rate), "
                     "bounded by --trial-timeout. Example: tandem capacity --url http://127.0.0.1:8000 "
                     "--tbt-slo-ms 200 --num-requests 40 --prompt-len 256 --output-len 32 --json cap.json"))
-    c.add_argument("--tbt-slo-ms", type=float, required=True, help="P99 time-between-tokens SLO in ms.")
-    c.add_argument("--max-p50-ttft-s", type=float, default=2.0,
-                   help="Median TTFT limit in s (proxy for the paper's 2 s median scheduling delay).")
-    c.add_argument("--max-error-fraction", type=float, default=0.0,
-                   help="Share of failed requests (timeouts, 429/503...) a passing trial may have "
-                        "(default 0).")
-    c.add_argument("--start-qps", type=float, default=1.0, help="First rate tried (default 1).")
-    c.add_argument("--min-qps", type=float, default=0.05, help="Lowest rate tried (default 0.05).")
-    c.add_argument("--max-qps", type=float, default=64.0, help="Highest rate tried (default 64).")
-    c.add_argument("--tolerance", type=float, default=0.1,
-                   help="Stop when the failing rate is within this fraction above the passing one (0.1).")
-    c.add_argument("--max-trials", type=int, default=12, help="Most trials (default 12).")
+    add_search_args(c)
     c.add_argument("--trial-timeout", type=float, default=None,
                    help="Seconds per trial (default: last arrival + --timeout + 5).")
     c.add_argument("--cooldown", type=float, default=1.0, help="Seconds of idle between trials (default 1).")
-    _add_workload_args(c)
+    add_workload_args(c)
     _add_client_args(c)
     c.set_defaults(func=cmd_capacity)
 

@@ -436,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_accuracy_parser(sub, _add_engine_args)
     add_agreement_parser(sub, _add_engine_args)
     add_attention_parser(sub)
+    __import__("sim.cli").cli.add_sim_commands(sub)
     return p
 
 
