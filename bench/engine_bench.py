@@ -49,7 +49,7 @@ def run_engine_bench(config: EngineConfig, batch_sizes: list[int], context: int,
     print(f"model {config.model_name}: {mc.num_layers} layers, hidden {mc.hidden_size}, "
           f"dtype {str(runner.dtype).removeprefix('torch.')}, quantization {config.quantization}, "
           f"{compiled}; start-up {load_s:.1f} s; {torch.get_num_threads()} threads, token budget "
-          f"{config.scheduler.token_budget}, tensor-parallel ranks {config.tp}")
+          f"{config.scheduler.token_budget}, tp {config.tp} x pp {config.pp}")
 
     print(f"\ndecode step (context {context} tokens), median of {repeats}:")
     print(f"{'batch':>6} {'step ms':>9} {'forward ms':>11} {'host ms':>8} {'host %':>7} "

@@ -58,6 +58,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="Tensor-parallel ranks per replica (hybrid replicas with `serve`): heads split by whole "
                         "GQA groups, MLP by columns, one process per rank, two all-reduces per "
                         "layer (Gloo on CPU, NCCL on CUDA). Runs eagerly (no --compile) for now.")
+    g.add_argument("--pp", type=int, default=1,
+                   help="Pipeline stages per replica (hybrid replicas with `serve`): the layers split "
+                        "into contiguous stages, one process per stage (x --tp ranks); stages run "
+                        "one after another within a step (no micro-batches yet). Eager only.")
     g.add_argument("--threads", type=int, default=0,
                    help="torch threads of each replica process, of each rank with --tp (default: "
                         "the cores split evenly among replicas and their ranks).")
@@ -137,7 +141,7 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None = None):
             budget=budget)
         return EngineConfig(model_dir=str(model_dir), model_name=name, dtype=args.dtype,
                             compile=args.compile, quantization=args.quantization, device=args.device,
-                            attention=args.attention, threads=args.threads, tp=args.tp,
+                            attention=args.attention, threads=args.threads, tp=args.tp, pp=args.pp,
                             kv_cache_gb=args.kv_cache_gb, num_kv_blocks=args.num_kv_blocks,
                             trace_file=args.trace_file, scheduler=sched)
     except ValueError as e:
@@ -177,7 +181,7 @@ def _deployment(args: argparse.Namespace):
     p, d, h = args.prefill_replicas, args.decode_replicas, args.hybrid_replicas
     if h is None:
         h = 0 if (p or d) else 1
-    groups = tuple(ReplicaGroup(role, n, tp=args.tp) for role, n in (("prefill", p), ("decode", d), ("hybrid", h))
+    groups = tuple(ReplicaGroup(role, n, tp=args.tp, pp=args.pp) for role, n in (("prefill", p), ("decode", d), ("hybrid", h))
                    if n)
     try:
         return DeploymentSpec(groups=groups, routing=args.routing, offload_threshold=args.offload_threshold,
@@ -211,8 +215,8 @@ def _replica_specs(deployment, base_cfg, launcher, kv_timeout_s: float):
     for rid, group, threads in replicas:
         try:
             # Without --threads, a replica's share of the cores is split among its ranks.
-            cfg = apply_overrides(replace(base_cfg, threads=base_cfg.threads or max(1, threads // group.tp),
-                                          device=devices[rid], tp=group.tp), group.overrides)
+            cfg = apply_overrides(replace(base_cfg, threads=base_cfg.threads or max(1, threads // group.world_size),
+                                          device=devices[rid], tp=group.tp, pp=group.pp), group.overrides)
         except ValueError as e:
             raise SystemExit(f"error: replica {rid}: {e}") from None
         kv = KVConfig(transport=deployment.kv_transport, codec=deployment.kv_codec, timeout_s=kv_timeout_s)
@@ -225,9 +229,9 @@ def _replica_specs(deployment, base_cfg, launcher, kv_timeout_s: float):
 
 
 def _check_parallelism(deployment, engine_cfg) -> None:
-    """The spec's tp/pp must suit the model; what is not built yet (pipeline parallelism, tensor
-    parallelism for prefill/decode replicas, whose KV would have to move shard by shard) is
-    refused rather than quietly run on one device."""
+    """The spec's tp/pp must suit the model; what is not built yet (tensor or pipeline parallelism
+    for prefill/decode replicas, whose KV would have to move shard by shard) is refused rather
+    than quietly run on one device."""
     from engine.model_config import ModelConfig
 
     try:
@@ -236,11 +240,10 @@ def _check_parallelism(deployment, engine_cfg) -> None:
         raise SystemExit(f"error: {e}") from None
     unsupported = [f"replicas[{i}] ({g.role}): tp={g.tp}, pp={g.pp}"
                    for i, g in enumerate(deployment.groups)
-                   if g.count and (g.pp > 1 or (g.tp > 1 and g.role != "hybrid"))]
+                   if g.count and g.world_size > 1 and g.role != "hybrid"]
     if unsupported:
-        raise SystemExit("error: not implemented yet: pipeline parallelism, and tensor parallelism "
-                         "for prefill/decode replicas (hybrid replicas take --tp); "
-                         + "; ".join(unsupported))
+        raise SystemExit("error: not implemented yet: tensor/pipeline parallelism for prefill/decode "
+                         "replicas (hybrid replicas take --tp and --pp); " + "; ".join(unsupported))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -131,7 +131,9 @@ class CompiledForward:
             self._torch._dynamo.mark_dynamic(hidden, 0)
         return self._logits(hidden)
 
-    def __call__(self, input_ids, positions, kv_caches, attn, logit_rows, backend):
+    def __call__(self, input_ids, positions, kv_caches, attn, logit_rows, backend, hidden_in=None):
+        # Compiled only without parallelism, where a forward always starts from the embedding.
+        assert hidden_in is None, "a compiled forward does not take a previous stage's activations"
         mark = self._torch._dynamo.mark_dynamic
         if input_ids.shape[0] > self.static_rows:
             for t in (input_ids, positions, attn.slot_mapping):

@@ -44,11 +44,13 @@ class EngineConfig:
     trace_file: str | None = None
     """Append one JSON line of telemetry per iteration here (see scheduler.telemetry)."""
     tp: int = 1
-    """Tensor-parallel ranks of the replica: attention heads split by whole GQA groups and the MLP
-    by columns, two all-reduces per layer. Rank 0 (the driver) schedules and samples and starts
-    the other ranks as worker processes (engine/tensor_parallel.py)."""
-    tp_rank: int = 0
-    """This process's tensor-parallel rank (0 = the driver); set for the workers it starts."""
+    """Tensor-parallel ranks per pipeline stage: attention heads split by whole GQA groups and the
+    MLP by columns, two all-reduces per layer (engine/parallel.py)."""
+    pp: int = 1
+    """Pipeline stages: the layers split into `pp` contiguous runs, activations passed on."""
+    rank: int = 0
+    """This process's rank in the replica, `stage * tp + tp_rank`. Rank 0, the driver, schedules,
+    samples and starts the other `tp * pp - 1` ranks as worker processes (which get theirs)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -64,10 +66,25 @@ class EngineConfig:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
         if isinstance(self.tp, bool) or not isinstance(self.tp, int) or self.tp < 1:
             raise ValueError(f"tp must be an integer >= 1, got {self.tp!r}")
-        if not 0 <= self.tp_rank < self.tp:
-            raise ValueError(f"tp_rank must be in [0, {self.tp}), got {self.tp_rank!r}")
+        if isinstance(self.pp, bool) or not isinstance(self.pp, int) or self.pp < 1:
+            raise ValueError(f"pp must be an integer >= 1, got {self.pp!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, tp * pp = {self.world_size}), got {self.rank!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+    @property
+    def world_size(self) -> int:
+        """Processes of the replica: tp * pp."""
+        return self.tp * self.pp
+
+    @property
+    def stage(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,11 +9,13 @@ Projections are fused at load (q/k/v into `qkv_proj`, gate/up into `gate_up_proj
 instead of three or two, which matters most at small batch where a step is launch-bound.
 Checkpoints keep HF names; `load_weights` fuses them.
 
-With tensor parallelism (`shard`, engine/tensor_parallel.py) a layer holds its rank's query/KV
-heads and MLP columns: q/k/v and gate/up are column-parallel (rows of the weight sliced at load),
-o_proj and down are row-parallel, and `reduce` sums their partial outputs over the ranks.
-Embedding and LM head stay whole on every rank (small next to the layers; only the driver uses
-the LM head).
+With parallelism (`shard`, engine/parallel.py) a rank holds its pipeline stage's layers and, in
+each, its query/KV heads and MLP columns: q/k/v and gate/up are column-parallel (rows of the
+weight sliced at load), o_proj and down are row-parallel, and `reduce` sums their partial outputs
+over the stage's ranks. A later stage starts from `hidden_in` (the previous stage's activations)
+instead of the embedding; only the last stage applies the final norm to the logit rows.
+Embedding, final norm and LM head stay whole on every rank (small next to the layers; only the
+driver uses the LM head).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from torch import nn
 
 from engine.attention import AttentionInputs
 from engine.model_config import ModelConfig
-from engine.tensor_parallel import Shard, make_shard
+from engine.parallel import Shard, make_shard
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -71,8 +73,8 @@ class DecoderLayer(nn.Module):
         h, q, kv = cfg.hidden_size, shard.num_heads * cfg.head_dim, shard.num_kv_heads * cfg.head_dim
         self.input_layernorm = nn.Parameter(torch.ones(h))
         self.qkv_proj = nn.Linear(h, q + 2 * kv, bias=cfg.qkv_bias)
-        # The bias of a row-parallel layer is added once, by rank 0, not once per rank.
-        self.o_proj = nn.Linear(q, h, bias=cfg.o_bias and shard.rank == 0)
+        # The bias of a row-parallel layer is added once, by tp rank 0, not once per rank.
+        self.o_proj = nn.Linear(q, h, bias=cfg.o_bias and shard.tp_rank == 0)
         self.post_attention_layernorm = nn.Parameter(torch.ones(h))
         self.gate_up_proj = nn.Linear(h, 2 * shard.ffn_size, bias=False)
         self.down_proj = nn.Linear(shard.ffn_size, h, bias=False)
@@ -100,7 +102,8 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.shard = shard or make_shard(cfg, 1, 0)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.shard, reduce) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.shard, reduce)
+                                    for _ in range(self.shard.num_layers))
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         # Tied checkpoints share the embedding; it is still a Linear of its own so that the LM
         # head can be quantized or prepacked independently of the embedding lookup.
@@ -108,14 +111,19 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn: AttentionInputs, logit_rows: torch.Tensor, backend) -> torch.Tensor:
-        """input_ids, positions [T]; logit_rows [N] -> normalised hidden states [N, hidden]."""
-        x = self.embed_tokens(input_ids)                                        # [T, hidden]
+                attn: AttentionInputs, logit_rows: torch.Tensor, backend,
+                hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions [T]; logit_rows [N] -> normalised hidden states [N, hidden]; a
+        stage before the last returns its activations [T, hidden] instead, and a stage after
+        the first starts from `hidden_in` [T, hidden] rather than the embedding."""
+        x = self.embed_tokens(input_ids) if hidden_in is None else hidden_in    # [T, hidden]
         freqs = positions.float()[:, None] * self.inv_freq[None, :]            # [T, D/2]
         angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]                  # [T, 1, D]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv_cache, attn, backend)
+        if not self.shard.last_stage:
+            return x
         return rms_norm(x[logit_rows], self.norm, self.cfg.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -136,8 +144,14 @@ class LlamaForCausalLM(nn.Module):
                 "k": slice(sh.kv_heads[0] * d, sh.kv_heads[1] * d),
                 "v": slice(sh.kv_heads[0] * d, sh.kv_heads[1] * d)}
         ffn = slice(*sh.ffn)
+        first, last = sh.layers
         for i in range(self.cfg.num_layers):
             p = f"model.layers.{i}."
+            if not first <= i < last:   # another stage's layer
+                for key in [k for k in hf if k.startswith(p)]:
+                    del hf[key]
+                continue
+            i -= first
             try:
                 state[f"layers.{i}.input_layernorm"] = hf.pop(p + "input_layernorm.weight")
                 state[f"layers.{i}.post_attention_layernorm"] = hf.pop(p + "post_attention_layernorm.weight")
@@ -147,7 +161,7 @@ class LlamaForCausalLM(nn.Module):
                 state[f"layers.{i}.o_proj.weight"] = hf.pop(p + "self_attn.o_proj.weight")[:, rows["q"]]
                 if self.cfg.o_bias:
                     bias = hf.pop(p + "self_attn.o_proj.bias")
-                    if sh.rank == 0:
+                    if sh.tp_rank == 0:
                         state[f"layers.{i}.o_proj.bias"] = bias
                 state[f"layers.{i}.gate_up_proj.weight"] = torch.cat(
                     [hf.pop(p + "mlp.gate_proj.weight")[ffn], hf.pop(p + "mlp.up_proj.weight")[ffn]])

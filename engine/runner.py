@@ -26,7 +26,7 @@ from engine.model_config import ModelConfig, kv_bytes_per_block
 from engine.quant import quantize_model
 from engine.sampler import LogprobEntry, Sampler, top_logprob_entries
 from engine.step_batch import StepBatch, prepare_step
-from engine.tensor_parallel import Workers, all_reduce, make_shard, max_kv_heads
+from engine.parallel import Pipeline, Workers, cache_model_config, make_shard
 from engine.weights import load_state_dict
 from scheduler.core import SchedulerOutput
 
@@ -71,7 +71,9 @@ class StepTimes:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, keep_logits: bool = False) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, keep_logits: bool = False,
+                 pipeline: Pipeline | None = None) -> None:
+        """`pipeline`: a worker rank's process group (its driver's runner makes its own)."""
         self.config = config
         self.model_config = model_config
         self.device = torch.device(config.device)
@@ -79,26 +81,27 @@ class ModelRunner:
         self.block_size = config.scheduler.block_size
         self.keep_logits = keep_logits
 
-        # Tensor parallelism: the driver (rank 0) starts the other ranks, which build their
-        # shards in their own processes while it builds its own.
-        self.workers = Workers(config) if config.tp > 1 and config.tp_rank == 0 else None
-        self.shard = make_shard(model_config, config.tp, config.tp_rank)
-        self.model = LlamaForCausalLM(model_config, self.shard,
-                                      all_reduce if config.tp > 1 else None).to(dtype=self.dtype)
+        # Parallelism: the driver (rank 0) starts the other ranks, which build their shards in
+        # their own processes while it builds its own.
+        self.workers = Workers(config) if config.world_size > 1 and config.rank == 0 else None
+        self.pipeline = self.workers.pipeline if self.workers is not None else pipeline
+        self.shard = make_shard(model_config, config.tp, config.rank, config.pp)
+        reduce = self.pipeline.all_reduce if config.tp > 1 else None
+        self.model = LlamaForCausalLM(model_config, self.shard, reduce).to(dtype=self.dtype)
         self.model.load_weights(load_state_dict(config.model_dir, self.dtype))
         self.model.inv_freq = self.model.inv_freq.float()  # RoPE angles stay fp32 in every dtype
         quantize_model(self.model, config.quantization)
         self.model.to(self.device).eval().requires_grad_(False)
 
-        # Sized by the largest shard's KV heads, so every rank gets the same number of blocks.
-        cache_cfg = replace(model_config, num_kv_heads=max_kv_heads(model_config, config.tp))
+        # Sized by the largest shard, so every rank gets the same number of blocks.
+        cache_cfg = cache_model_config(model_config, config.tp, config.pp)
         per_block = kv_bytes_per_block(cache_cfg, self.block_size, str(self.dtype).removeprefix("torch."))
         self.num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_gb * 2**30) // per_block)
         # One block more than the scheduler manages: padding rows write their K/V there.
         self.scratch_block = self.num_blocks
         shape = (self.num_blocks + 1, 2, self.block_size, self.shard.num_kv_heads, model_config.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                          for _ in range(model_config.num_layers)]
+                          for _ in range(self.shard.num_layers)]
         sched = config.scheduler
         self.backend = make_attention_backend(
             config.attention, self.device, max_seqs=max(sched.max_num_seqs, 64) + 1,
@@ -112,8 +115,8 @@ class ModelRunner:
         """Rows and logit rows every forward gets, padding if needed (2 when compiled: dynamo
         specialises a size of 1, and one dynamic graph for every step is worth a padding row)."""
         self.compile_seconds = 0.0
-        if config.compile and config.tp > 1:
-            log.warning("--compile is not supported with tensor parallelism yet; running eagerly")
+        if config.compile and config.world_size > 1:
+            log.warning("--compile is not supported with tensor/pipeline parallelism yet; running eagerly")
         elif config.compile:
             from engine.compile import compile_runner  # noqa: PLC0415 - only when compiling
 
@@ -150,9 +153,21 @@ class ModelRunner:
         batch = self._pad(batch)
         attn = self.backend.plan(batch, self.shard.num_heads, self.shard.num_kv_heads,
                                  self.model_config.head_dim, self.dtype)
-        to = self.device
-        return self._forward(torch.from_numpy(batch.input_ids).to(to), torch.from_numpy(batch.positions).to(to),
-                             self.kv_caches, attn, torch.from_numpy(batch.logit_rows).to(to), self.backend)
+        to, shard, pipe = self.device, self.shard, self.pipeline
+        hidden = self.model_config.hidden_size
+        hidden_in = None if shard.first_stage else pipe.recv_prev((batch.num_tokens, hidden), self.dtype)
+        out = self._forward(torch.from_numpy(batch.input_ids).to(to), torch.from_numpy(batch.positions).to(to),
+                            self.kv_caches, attn, torch.from_numpy(batch.logit_rows).to(to), self.backend,
+                            hidden_in)
+        if shard.pp == 1:
+            return out
+        if not shard.last_stage:
+            pipe.send_next(out)
+        elif shard.tp_rank == 0:
+            pipe.send_result(out)
+        if shard.rank == 0:
+            return pipe.recv_result((len(batch.logit_rows), hidden), self.dtype)
+        return out   # a worker's result is not used
 
     def _pad(self, batch: StepBatch) -> StepBatch:
         """Up to `min_rows` rows (a one-token sequence in the scratch block) and logit rows

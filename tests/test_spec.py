@@ -138,6 +138,4 @@ def test_serve_checks_tp_against_the_model_and_refuses_what_is_not_built(tiny_mo
     pd_tp = "replicas: [{role: prefill, count: 1, tp: 2}, {role: decode, count: 1, tp: 2}]"
     with pytest.raises(SystemExit, match=r"not implemented yet.*replicas\[0\] \(prefill\): tp=2"):
         _check_parallelism(DeploymentSpec.from_yaml(pd_tp), cfg)
-    with pytest.raises(SystemExit, match=r"not implemented yet.*pp=2"):
-        _check_parallelism(DeploymentSpec.from_yaml("replicas: [{role: hybrid, count: 1, pp: 2}]"), cfg)
-    _check_parallelism(DeploymentSpec.from_yaml("replicas: [{role: hybrid, count: 1, tp: 2}]"), cfg)
+    _check_parallelism(DeploymentSpec.from_yaml("replicas: [{role: hybrid, count: 1, tp: 2, pp: 2}]"), cfg)

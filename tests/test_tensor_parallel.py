@@ -1,7 +1,8 @@
-"""Tensor parallelism through the HTTP API: `tandem serve --tp 2` gives the tokens and logprobs of
-`--tp 1` (float32, greedy, several requests in flight), with even and uneven GQA splits; a worker
-rank that dies takes its replica down whole, its requests end retryably, and the replica comes
-back and serves. The shard arithmetic is tested without processes."""
+"""Tensor and pipeline parallelism through the HTTP API: `--tp 2`, `--pp 2` and `--tp 2 --pp 2`
+give the tokens and logprobs of one rank (float32, greedy, several requests in flight), with even
+and uneven GQA splits; a worker rank that dies takes its replica down whole, its requests end
+retryably, and the replica comes back and serves. The shard arithmetic is tested without
+processes."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -16,7 +17,7 @@ import pytest
 from bench.server import local_server
 from engine.model_config import ModelConfig
 from engine.step_batch import decode_forward, encode_forward, prepare_step
-from engine.tensor_parallel import make_shard, max_kv_heads
+from engine.parallel import cache_model_config, make_shard
 from tests.test_pd import base_args, complete, health, prompts
 
 
@@ -28,24 +29,29 @@ def run_all(url: str) -> list:
 def assert_same(got, want) -> None:
     for i, (g, w) in enumerate(zip(got, want)):
         problem = g.mismatch(w)
-        assert problem is None, f"prompt {i}: --tp 2 differs from --tp 1: {problem}"
+        assert problem is None, f"prompt {i}: differs from one rank: {problem}"
 
 
-@pytest.mark.parametrize("heads", [(4, 2), (6, 3)], ids=["even", "uneven"])
-def test_tp2_equals_tp1_through_the_api(make_tiny_model, heads):
+_REFERENCE: dict = {}
+
+
+@pytest.mark.parametrize("heads, tp, pp", [((4, 2), 2, 1), ((6, 3), 2, 1), ((4, 2), 1, 2), ((4, 2), 2, 2)],
+                         ids=["tp2-even", "tp2-uneven", "pp2", "tp2xpp2"])
+def test_parallel_equals_one_rank_through_the_api(make_tiny_model, heads, tp, pp):
     q, kv = heads
     model = make_tiny_model(num_attention_heads=q, num_key_value_heads=kv, hidden_size=16 * q)
     args = [*base_args(model), "--threads", "1"]
-    with local_server(args) as srv:
-        want = run_all(srv.url)
-    with local_server([*args, "--tp", "2"]) as srv:
-        assert_same(run_all(srv.url), want)
+    if heads not in _REFERENCE:
+        with local_server(args) as srv:
+            _REFERENCE[heads] = run_all(srv.url)
+    with local_server([*args, "--tp", str(tp), "--pp", str(pp)]) as srv:
+        assert_same(run_all(srv.url), _REFERENCE[heads])
         replica = health(srv.url)["replicas"]["hybrid-0"]
         assert replica["num_free_blocks"] == replica["num_blocks"]
 
 
 def _worker_pids(driver_pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(driver_pid), "-f", "engine.tensor_parallel"],
+    out = subprocess.run(["pgrep", "-P", str(driver_pid), "-f", "engine.parallel"],
                          capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
 
@@ -79,11 +85,19 @@ def test_shards_cover_every_head_and_column_once():
                       rope_theta=1e4, rope_scaling=None, max_position_embeddings=64,
                       tie_word_embeddings=True, qkv_bias=False, o_bias=False, sliding_window=None)
     shards = [make_shard(cfg, 2, r) for r in range(2)]
+    assert all(s.layers == (0, 2) for s in shards)
     assert [(s.num_heads, s.num_kv_heads) for s in shards] == [(6, 2), (3, 1)]
     assert shards[0].q_heads == (0, 6) and shards[1].q_heads == (6, 9)
     assert shards[0].kv_heads == (0, 2) and shards[1].kv_heads == (2, 3)
     assert shards[0].ffn == (0, 769) and shards[1].ffn == (769, 1537)
-    assert max_kv_heads(cfg, 2) == 2 and max_kv_heads(cfg, 3) == 1
+    assert cache_model_config(cfg, 2, 1).num_kv_heads == 2 and cache_model_config(cfg, 3, 1).num_kv_heads == 1
+    # tp=2 x pp=2: ranks (stage, tp rank) = (0,0) (0,1) (1,0) (1,1); 2 layers -> one per stage.
+    grid = [make_shard(cfg, 2, r, pp=2) for r in range(4)]
+    assert [(s.stage, s.tp_rank, s.layers, s.num_kv_heads) for s in grid] == [
+        (0, 0, (0, 1), 2), (0, 1, (0, 1), 1), (1, 0, (1, 2), 2), (1, 1, (1, 2), 1)]
+    assert cache_model_config(cfg, 2, 2).num_layers == 1
+    with pytest.raises(ValueError, match="pp=3 exceeds the model's 2 layers"):
+        make_shard(cfg, 1, 0, pp=3)
     with pytest.raises(ValueError, match="tp=4 exceeds"):
         make_shard(cfg, 4, 0)
 
@@ -106,10 +120,11 @@ def test_step_batch_forward_frame_round_trip():
 
 
 @pytest.mark.slow
-def test_tp2_equals_tp1_on_smollm2(smollm2_dir):
-    """The real model (9 query / 3 KV heads: an uneven 6+3 / 2+1 split) in float32. Ranks sum
-    partial products in another order, so a token may differ only after a near-tie (top-2 margin
-    under 1e-4), which is printed."""
+@pytest.mark.parametrize("parallel", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
+def test_parallel_equals_one_rank_on_smollm2(smollm2_dir, parallel):
+    """The real model in float32: tp=2 splits its 9 query / 3 KV heads unevenly (6+3 / 2+1), pp=2
+    its 30 layers 15 + 15. Ranks sum partial products in another order, so a token may differ
+    only after a near-tie (top-2 margin under 1e-4), which is printed."""
     from engine.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(smollm2_dir)
@@ -124,7 +139,7 @@ def test_tp2_equals_tp1_on_smollm2(smollm2_dir):
 
     with local_server(args) as srv:
         want = run(srv.url)
-    with local_server([*args, "--tp", "2"]) as srv:
+    with local_server([*args, *parallel]) as srv:
         got = run(srv.url)
     for i, (g, w) in enumerate(zip(got, want)):
         problem = g.mismatch(w)
