@@ -55,11 +55,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "the paged cache in place, for decodes and prefill chunks; a torch fallback "
                         "without a C compiler) or flashinfer (CUDA only).")
     g.add_argument("--tp", type=int, default=1,
-                   help="Tensor-parallel ranks per replica (hybrid replicas with `serve`): heads split by whole "
+                   help="Tensor-parallel ranks per replica: heads split by whole "
                         "GQA groups, MLP by columns, one process per rank, two all-reduces per "
                         "layer (Gloo on CPU, NCCL on CUDA). Runs eagerly (no --compile) for now.")
     g.add_argument("--pp", type=int, default=1,
-                   help="Pipeline stages per replica (hybrid replicas with `serve`): the layers split "
+                   help="Pipeline stages per replica: the layers split "
                         "into contiguous stages, one process per stage (x --tp ranks); stages run "
                         "one after another within a step (no micro-batches yet). Eager only.")
     g.add_argument("--threads", type=int, default=0,
@@ -229,9 +229,8 @@ def _replica_specs(deployment, base_cfg, launcher, kv_timeout_s: float):
 
 
 def _check_parallelism(deployment, engine_cfg) -> None:
-    """The spec's tp/pp must suit the model; what is not built yet (tensor or pipeline parallelism
-    for prefill/decode replicas, whose KV would have to move shard by shard) is refused rather
-    than quietly run on one device."""
+    """The spec's tp/pp must suit the model (and prefill/decode groups match: the spec checks
+    that); prefill/decode replicas with tp/pp move KV shard by shard over ZeroMQ only."""
     from engine.model_config import ModelConfig
 
     try:
@@ -241,9 +240,9 @@ def _check_parallelism(deployment, engine_cfg) -> None:
     unsupported = [f"replicas[{i}] ({g.role}): tp={g.tp}, pp={g.pp}"
                    for i, g in enumerate(deployment.groups)
                    if g.count and g.world_size > 1 and g.role != "hybrid"]
-    if unsupported:
-        raise SystemExit("error: not implemented yet: tensor/pipeline parallelism for prefill/decode "
-                         "replicas (hybrid replicas take --tp and --pp); " + "; ".join(unsupported))
+    if unsupported and deployment.kv_transport != "zmq":
+        raise SystemExit("error: prefill/decode replicas with tp/pp > 1 need --kv-transport zmq; "
+                         + "; ".join(unsupported))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -55,6 +55,17 @@ class DecodeServer(ReplicaServer):
         self._prefill_socks: dict[str, zmq.Socket] = {}
         self._pending: dict[str, dict] = {}   # request id -> its remote_prefill info
         self._events: list[dict] = []
+        # With tp/pp, every rank receives its own shard of a prompt's KV at an address of its own
+        # (rank i of the prefill replica sends to rank i here); the prompt has landed when all
+        # ranks report it.
+        self._workers = self.engine.runner.workers
+        self.kv_addrs = [self.kv_addr]
+        if self._workers is not None:
+            if kv.transport != "zmq":
+                raise ValueError("a decode replica with tp/pp > 1 needs --kv-transport zmq")
+            self.kv_addrs += [f"{self.kv_addr}-rank{r}" for r in range(1, config.world_size)]
+            self._workers.kv({r: {"op": "listen", "addr": self.kv_addrs[r], "timeout_s": kv.timeout_s}
+                              for r in range(1, config.world_size)})
 
     def ready_frame(self) -> protocol.ReplicaReady:
         frame = super().ready_frame()
@@ -82,53 +93,85 @@ class DecodeServer(ReplicaServer):
             return []
         if isinstance(result, protocol.RequestOutput):
             return [result]
-        tid = info["transfer_id"]
-        self._receiver(info).expect(tid, msg.request_id, list(result.block_ids), result.num_prompt_tokens,
+        tid, blocks = info["transfer_id"], list(result.block_ids)
+        self._receiver(info).expect(tid, msg.request_id, blocks, result.num_prompt_tokens,
                                     timeout_s=self.kv.timeout_s)
-        self._pending[msg.request_id] = info
+        if self._workers is not None:
+            self._workers.kv({r: {"op": "expect", "transfer_id": tid, "request_id": msg.request_id,
+                                  "block_ids": blocks, "num_tokens": result.num_prompt_tokens,
+                                  "timeout_s": self.kv.timeout_s} for r in range(1, len(self.kv_addrs))})
+        self._pending[msg.request_id] = {**info, "ranks_left": set(range(len(self.kv_addrs)))}
         target = {"transfer_id": tid, "request_id": msg.request_id, "kv_addr": self.kv_addr,
-                  "decode_replica": self.replica_id, "dst_block_ids": list(result.block_ids)}
+                  "kv_addrs": self.kv_addrs, "decode_replica": self.replica_id,
+                  "dst_block_ids": blocks}
         prefill_sampling = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         self._to_prefill(info["prefill_addr"], protocol.AddRequest(
             msg.request_id + PREFILL_SUFFIX, msg.prompt_token_ids, prefill_sampling, time.time(),
             kv_target=target))
         return []
 
+    def _cancel(self, info: dict) -> None:
+        """Stop receiving a transfer on every rank."""
+        self._receiver(info).cancel(info["transfer_id"])
+        if self._workers is not None:
+            self._workers.kv({r: {"op": "cancel", "transfer_id": info["transfer_id"]}
+                              for r in range(1, len(self.kv_addrs))})
+
     def handle_abort(self, msg: protocol.AbortRequests) -> list[protocol.RequestOutput]:
         for rid in msg.request_ids:
             info = self._pending.pop(rid, None)
             if info is not None:
-                self._receiver(info).cancel(info["transfer_id"])
+                self._cancel(info)
                 self._to_prefill(info["prefill_addr"], protocol.AbortRequests([rid + PREFILL_SUFFIX]))
         return super().handle_abort(msg)
 
     def before_step(self) -> list[protocol.RequestOutput]:
         now = time.monotonic()
         for receiver in self._receivers.values():
-            for event in receiver.poll(self.engine.runner.kv_caches):
-                info = self._pending.pop(event.request_id, None)
-                if info is None:
-                    continue
-                if event.state is TransferState.DONE:
-                    self.engine.scheduler.remote_prefill_done(event.request_id, now)
-                    self._events.append({"state": "done", "codec": event.codec or "none",
-                                         "wire_bytes": event.wire_bytes, "raw_bytes": event.raw_bytes,
-                                         "latency_s": event.latency_s})
-                else:
-                    log.warning("KV transfer %s for %s failed (%s: %s); recomputing locally",
-                                event.transfer_id, event.request_id, event.reason, event.error)
-                    self._to_prefill(info["prefill_addr"],
-                                     protocol.AbortRequests([event.request_id + PREFILL_SUFFIX]))
-                    self._recompute(event.request_id, event.reason or "error", event.codec)
+            for e in receiver.poll(self.engine.runner.kv_caches):
+                self._rank_event(0, e.request_id, e.state.value, e.reason, e.error, e.wire_bytes,
+                                 e.raw_bytes, now, e)
+        if self._workers is not None:
+            for rank, e in self._workers.kv_reports():
+                self._rank_event(rank, e["request_id"], e["state"], e["reason"], e["error"],
+                                 e["wire_bytes"], e["raw_bytes"], now)
         return []
+
+    def _rank_event(self, rank: int, request_id: str, state: str, reason: str | None,
+                    error: str | None, wire_bytes: int, raw_bytes: int, now: float,
+                    event=None) -> None:
+        """One rank's shard of a prompt landed (or failed). All landed: the request runs; any
+        failed: the others are cancelled and the prompt is recomputed here."""
+        info = self._pending.get(request_id)
+        if info is None:
+            return
+        if event is not None:   # rank 0's transfer gives the codec and the latency
+            info["event"] = event
+        if state == TransferState.DONE.value:
+            info["ranks_left"].discard(rank)
+            info["wire_bytes"] = info.get("wire_bytes", 0) + wire_bytes
+            info["raw_bytes"] = info.get("raw_bytes", 0) + raw_bytes
+            if info["ranks_left"]:
+                return
+            del self._pending[request_id]
+            self.engine.scheduler.remote_prefill_done(request_id, now)
+            self._events.append({"state": "done", "codec": info["event"].codec or "none",
+                                 "wire_bytes": info["wire_bytes"], "raw_bytes": info["raw_bytes"],
+                                 "latency_s": info["event"].latency_s})
+            return
+        del self._pending[request_id]
+        log.warning("KV transfer %s for %s failed on rank %d (%s: %s); recomputing locally",
+                    info["transfer_id"], request_id, rank, reason, error)
+        self._cancel(info)
+        self._to_prefill(info["prefill_addr"], protocol.AbortRequests([request_id + PREFILL_SUFFIX]))
+        self._recompute(request_id, reason or "error", event.codec if event is not None else None)
 
     def handle_peer_lost(self, msg: protocol.PeerLost) -> list[protocol.RequestOutput]:
         """A prefill replica died: its prompts will never arrive, so recompute them here now
         (first in line) rather than after --kv-timeout."""
         lost = [rid for rid, info in self._pending.items() if info["prefill_replica"] == msg.replica_id]
         for rid in lost:
-            info = self._pending.pop(rid)
-            self._receiver(info).cancel(info["transfer_id"])
+            self._cancel(self._pending.pop(rid))
             self._recompute(rid, "peer_lost", None)
         if lost:
             log.warning("prefill replica %s lost; recomputing %d prompts locally", msg.replica_id, len(lost))

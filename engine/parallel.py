@@ -15,7 +15,9 @@ Life cycle of a replica with tp * pp = N ranks:
    same number of KV blocks (sized by the largest shard) for its own layers and heads: block ids
    mean the same on every rank;
 3. every step the driver sends the step's `StepBatch` (its forward arrays, msgpack over a ZeroMQ
-   PUSH socket per worker) and then runs its own forward; ranks meet in the all-reduces and the
+   PUSH socket per worker; KV-transfer instructions go down the same ordered channel between
+   steps, and each worker moves its own shard of a prompt's KV, `RankKV`) and then runs its own
+   forward; ranks meet in the all-reduces and the
    stage-to-stage sends; only the driver computes logits and samples. Stages run one after the
    other within a step (no micro-batches yet: a pipeline bubble of (pp-1)/pp);
 4. a rank that dies fails the driver's next collective (or the driver sees its exit first): the
@@ -35,6 +37,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
+import msgpack
 import torch
 import torch.distributed as dist
 import zmq
@@ -49,6 +52,8 @@ GROUP_TIMEOUT_S = 120.0
 """Longest a rank waits in the group (joining, or in a collective for a slow peer)."""
 WORKER_POLL_MS = 1000
 """How often an idle worker checks that its driver is still alive."""
+TRANSFER_POLL_MS = 2
+"""A worker's wait between polls while KV transfers of its shard are in flight."""
 
 
 class ParallelBroken(RuntimeError):
@@ -189,19 +194,83 @@ def _collective(call, result=None):
     return result
 
 
+class RankKV:
+    """A worker rank's part in KV transfers (disaggregation): it moves its own shard of each
+    prompt's KV (its layers, its heads) from or to the rank of the same index on the other side,
+    as its driver instructs (`Workers.kv`), and reports how each transfer ended."""
+
+    def __init__(self) -> None:
+        self.receiver = None
+        self.senders: dict[str, object] = {}
+        self.expected: set[str] = set()
+
+    def handle(self, op: dict, kv_caches: list[torch.Tensor]) -> None:
+        from kv_transfer import KVReceiver, KVSender, make_transport  # noqa: PLC0415 - nodes only
+
+        kind, tid = op["op"], op.get("transfer_id")
+        if kind == "listen":
+            self.receiver = KVReceiver(make_transport("zmq", "receiver", address=op["addr"]),
+                                       default_timeout_s=op["timeout_s"])
+        elif kind == "expect":
+            self.receiver.expect(tid, op["request_id"], op["block_ids"], op["num_tokens"],
+                                 timeout_s=op["timeout_s"])
+            self.expected.add(tid)
+        elif kind == "cancel":
+            self.receiver.cancel(tid)
+            self.expected.discard(tid)
+        else:   # the prefill side: send / done / abort
+            sender = self.senders.get(op["kv_addr"])
+            if sender is None:
+                sender = self.senders[op["kv_addr"]] = KVSender(
+                    make_transport("zmq", "sender", address=op["kv_addr"]), op["codec"],
+                    timeout_s=op["timeout_s"])
+            if kind == "send":
+                sender.send_chunk(tid, op["request_id"], kv_caches, op["src_block_ids"],
+                                  op["dst_block_ids"], op["start"], op["end"])
+            elif kind == "done":
+                sender.send_done(tid, op["request_id"], op["first_token"], op["num_tokens"])
+            elif kind == "abort":
+                sender.send_abort(tid, op["reason"], request_id=op["request_id"])
+
+    def poll(self, kv_caches: list[torch.Tensor]) -> list[dict]:
+        events = list(self.receiver.poll(kv_caches)) if self.receiver is not None else []
+        for sender in self.senders.values():
+            events += [e for e in sender.poll() if e.state.value == "failed"]
+        for e in events:
+            self.expected.discard(e.transfer_id)
+        return [{"transfer_id": e.transfer_id, "request_id": e.request_id, "state": e.state.value,
+                 "reason": e.reason, "error": e.error, "wire_bytes": e.wire_bytes,
+                 "raw_bytes": e.raw_bytes} for e in events]
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.expected)
+
+    def close(self) -> None:
+        if self.receiver is not None:
+            self.receiver.transport.close()
+        for sender in self.senders.values():
+            sender.close(timeout_s=2.0)
+
+
 class Workers:
-    """The driver's handle on ranks 1..N-1: started, fed a StepBatch every step, stopped."""
+    """The driver's handle on ranks 1..N-1: started, fed a StepBatch every step and KV
+    instructions in between (one ordered channel per worker), their KV reports read back,
+    stopped."""
 
     def __init__(self, config: EngineConfig) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="tandem-par-")
         self._ctx = zmq.Context()
         self.procs: list[subprocess.Popen] = []
         self.socks: list[zmq.Socket] = []
+        self._reports = self._ctx.socket(zmq.PULL)
+        self._reports.bind(f"ipc://{self._dir.name}/reports")
         for rank in range(1, config.world_size):
             addr = f"ipc://{self._dir.name}/rank-{rank}"
             worker_cfg = replace(config, rank=rank)
             self.procs.append(subprocess.Popen([
                 sys.executable, "-m", "engine.parallel", "--addr", addr,
+                "--report-addr", f"ipc://{self._dir.name}/reports",
                 "--store-dir", self._dir.name, "--config-json", json.dumps(worker_cfg.to_dict())]))
             sock = self._ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
@@ -218,15 +287,31 @@ class Workers:
             raise ParallelBroken(f"worker ranks exited: {dead}")
         frame = encode_forward(batch)
         for sock in self.socks:
-            sock.send(frame, copy=False)
+            sock.send_multipart([b"step", frame], copy=False)
+
+    def kv(self, ops: dict[int, dict]) -> None:
+        """KV instructions for worker ranks (rank -> op); they run in order with the steps."""
+        for rank, op in ops.items():
+            self.socks[rank - 1].send_multipart([b"kv", msgpack.packb(op, use_bin_type=True)])
+
+    def kv_reports(self) -> list[tuple[int, dict]]:
+        """(rank, transfer event) the workers reported since the last call (non-blocking)."""
+        out = []
+        while True:
+            try:
+                rank, events = msgpack.unpackb(self._reports.recv(zmq.NOBLOCK), raw=False)
+            except zmq.Again:
+                return out
+            out += [(rank, e) for e in events]
 
     def close(self, timeout_s: float = 5.0) -> None:
         for sock in self.socks:
             try:
-                sock.send(b"", zmq.NOBLOCK)   # empty frame: stop
+                sock.send_multipart([b"stop"], zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
             sock.close()
+        self._reports.close(linger=0)
         for p in self.procs:
             try:
                 p.wait(timeout_s)
@@ -239,6 +324,7 @@ class Workers:
 def worker_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="One worker rank of a replica (started by its driver).")
     p.add_argument("--addr", required=True, help="ZeroMQ address to bind for the driver's steps")
+    p.add_argument("--report-addr", required=True, help="ZeroMQ address of the driver's KV reports")
     p.add_argument("--store-dir", required=True, help="directory of the process group's file store")
     p.add_argument("--config-json", required=True, help="EngineConfig as JSON (rank set)")
     args = p.parse_args(argv)
@@ -250,27 +336,38 @@ def worker_main(argv: list[str] | None = None) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.bind(args.addr)
+    reports = ctx.socket(zmq.PUSH)
+    reports.setsockopt(zmq.LINGER, 0)
+    reports.connect(args.report_addr)
     pipeline = Pipeline(config, args.store_dir)
     from engine.runner import ModelRunner  # noqa: PLC0415 - the runner imports this module
 
     runner = ModelRunner(config, ModelConfig.from_dir(config.model_dir), pipeline=pipeline)
     log.info("rank %d of %d ready (stage %d, tp rank %d)", config.rank, config.world_size,
              config.stage, config.tp_rank)
+    kv = RankKV()
     try:
         while True:
-            if not sock.poll(WORKER_POLL_MS):
-                if os.getppid() != parent:
-                    log.warning("driver exited; rank %d stops", config.rank)
+            if sock.poll(TRANSFER_POLL_MS if kv.busy else WORKER_POLL_MS):
+                kind, *payload = sock.recv_multipart()
+                if kind == b"stop":
                     return
-                continue
-            frame = sock.recv()
-            if not frame:
+                if kind == b"step":
+                    runner.forward(decode_forward(payload[0]))
+                else:
+                    kv.handle(msgpack.unpackb(payload[0], raw=False), runner.kv_caches)
+            elif os.getppid() != parent:
+                log.warning("driver exited; rank %d stops", config.rank)
                 return
-            runner.forward(decode_forward(frame))
+            events = kv.poll(runner.kv_caches)
+            if events:
+                reports.send(msgpack.packb([config.rank, events], use_bin_type=True))
     except ParallelBroken as e:
         log.warning("rank %d stops: %s", config.rank, e)
     finally:
+        kv.close()
         sock.close(linger=0)
+        reports.close()
         ctx.term()
 
 

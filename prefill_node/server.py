@@ -39,6 +39,8 @@ class _Push:
     sender: KVSender
     target_replica: str
     """The decode replica waiting for this KV."""
+    rank_addrs: list[str] = field(default_factory=list)
+    """With tp/pp: the KV address of each decode rank (rank i's shard goes to rank i)."""
     sent_upto: int = 0
     """Tokens whose KV has been handed to the sender."""
     step_table: list[int] = field(default_factory=list)
@@ -53,6 +55,10 @@ class PrefillServer(ReplicaServer):
         self.kv = kv
         self._senders: dict[str, KVSender] = {}
         self._pushes: dict[str, _Push] = {}
+        self._workers = self.engine.runner.workers
+        self._ranks = config.world_size
+        if self._workers is not None and kv.transport != "zmq":
+            raise ValueError("a prefill replica with tp/pp > 1 needs --kv-transport zmq")
 
     def _sender(self, target: dict) -> KVSender:
         key = target["kv_addr"] if self.kv.transport == "zmq" else target["decode_replica"]
@@ -74,15 +80,21 @@ class PrefillServer(ReplicaServer):
         sender = self._sender(target)
         tid = target["transfer_id"]
         sender.begin(tid, target["request_id"])
-        result = self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.sampling)
-        if result is not None:
-            sender.send_abort(tid, f"prefill replica {self.replica_id} refused it: {result.error}",
+        rank_addrs = list(target.get("kv_addrs") or [target["kv_addr"]])
+        if len(rank_addrs) != self._ranks:
+            error = (f"the decode replica has {len(rank_addrs)} ranks, this prefill replica "
+                     f"{self._ranks} (KV shards go rank i -> rank i)")
+        else:
+            result = self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.sampling)
+            error = result.error if result is not None else None
+        if error is not None:
+            sender.send_abort(tid, f"prefill replica {self.replica_id} refused it: {error}",
                               request_id=target["request_id"])
             return []
         request = self.engine.scheduler.get(msg.request_id)
         self._pushes[msg.request_id] = _Push(request, tid, target["request_id"],
                                              list(target["dst_block_ids"]), sender,
-                                             target["decode_replica"])
+                                             target["decode_replica"], rank_addrs)
         return []
 
     def handle_abort(self, msg: protocol.AbortRequests) -> list[protocol.RequestOutput]:
@@ -103,14 +115,16 @@ class PrefillServer(ReplicaServer):
         return len(self._pushes)
 
     def before_step(self) -> list[protocol.RequestOutput]:
-        for sender in self._senders.values():
-            for event in sender.poll():
-                if event.state is TransferState.FAILED:
-                    rid = next((r for r, p in self._pushes.items() if p.transfer_id == event.transfer_id), None)
-                    if rid is not None:
-                        log.warning("KV push %s failed (%s); dropping %s", event.transfer_id, event.error, rid)
-                        self._pushes.pop(rid)
-                        self.engine.abort([rid])
+        failed = [(e.transfer_id, e.error) for sender in self._senders.values() for e in sender.poll()
+                  if e.state is TransferState.FAILED]
+        if self._workers is not None:   # a worker rank's shard failed: the transfer has failed
+            failed += [(e["transfer_id"], e["error"]) for _, e in self._workers.kv_reports()]
+        for tid, error in failed:
+            rid = next((r for r, p in self._pushes.items() if p.transfer_id == tid), None)
+            if rid is not None:
+                log.warning("KV push %s failed (%s); dropping %s", tid, error, rid)
+                self._drop(rid, f"KV push failed: {error}")
+                self.engine.abort([rid])
         for push in self._pushes.values():
             # Finishing frees the blocks in `update`, which rebinds `request.block_ids` to a new
             # list; holding the list object itself (not a copy) keeps the blocks the step computed
@@ -130,16 +144,29 @@ class PrefillServer(ReplicaServer):
             if computed > push.sent_upto:
                 push.sender.send_chunk(push.transfer_id, push.target_request_id, self.engine.runner.kv_caches,
                                        blocks, push.dst_block_ids, push.sent_upto, computed)
+                self._to_ranks(push, "send", src_block_ids=list(blocks), dst_block_ids=push.dst_block_ids,
+                               start=push.sent_upto, end=computed)
                 push.sent_upto = computed
             if done:
                 first = r.output_token_ids[0] if r.output_token_ids else -1
                 push.sender.send_done(push.transfer_id, push.target_request_id, first, r.num_prompt_tokens)
+                self._to_ranks(push, "done", first_token=first, num_tokens=r.num_prompt_tokens)
                 del self._pushes[rid]
+
+    def _to_ranks(self, push: _Push, op: str, **fields) -> None:
+        """The same KV operation for every worker rank, on its own shard, to its decode rank.
+        Instructions follow the step on the worker's channel, so it copies what that step wrote."""
+        if self._workers is not None:
+            self._workers.kv({r: {"op": op, "transfer_id": push.transfer_id,
+                                  "request_id": push.target_request_id, "kv_addr": push.rank_addrs[r],
+                                  "codec": self.kv.codec, "timeout_s": self.kv.timeout_s, **fields}
+                              for r in range(1, self._ranks)})
 
     def _drop(self, rid: str, reason: str) -> None:
         push = self._pushes.pop(rid)
         push.sender.send_abort(push.transfer_id, f"prefill replica {self.replica_id}: {reason}",
                                request_id=push.target_request_id)
+        self._to_ranks(push, "abort", reason=f"prefill replica {self.replica_id}: {reason}")
 
     def _fail_all(self, message: str) -> list[protocol.RequestOutput]:
         """A failed step ends every request here; the decode replicas waiting for their KV hear it

@@ -127,7 +127,7 @@ def test_bad_group_overrides_name_the_setting(group, message):
         apply_overrides(base, spec.groups[0].overrides)
 
 
-def test_serve_checks_tp_against_the_model_and_refuses_what_is_not_built(tiny_model_dir):
+def test_serve_checks_tp_against_the_model_and_the_kv_transport(tiny_model_dir):
     from cluster.cli import _check_parallelism
     from engine.config import EngineConfig
 
@@ -136,6 +136,7 @@ def test_serve_checks_tp_against_the_model_and_refuses_what_is_not_built(tiny_mo
     with pytest.raises(SystemExit, match=r"tp=4 exceeds the model's 2 KV heads"):
         _check_parallelism(too_wide, cfg)
     pd_tp = "replicas: [{role: prefill, count: 1, tp: 2}, {role: decode, count: 1, tp: 2}]"
-    with pytest.raises(SystemExit, match=r"not implemented yet.*replicas\[0\] \(prefill\): tp=2"):
-        _check_parallelism(DeploymentSpec.from_yaml(pd_tp), cfg)
+    with pytest.raises(SystemExit, match=r"need --kv-transport zmq.*replicas\[0\] \(prefill\): tp=2"):
+        _check_parallelism(DeploymentSpec.from_yaml("kv_transport: torch\n" + pd_tp), cfg)
+    _check_parallelism(DeploymentSpec.from_yaml(pd_tp), cfg)
     _check_parallelism(DeploymentSpec.from_yaml("replicas: [{role: hybrid, count: 1, tp: 2, pp: 2}]"), cfg)

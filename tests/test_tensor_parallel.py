@@ -150,3 +150,24 @@ def test_parallel_equals_one_rank_on_smollm2(smollm2_dir, parallel):
         print(f"prompt {i}: token {first} differs after a near-tie (top-2 margin {margin:.2e})")
         assert margin < 1e-4, f"prompt {i}: {problem}"
         assert g.tokens[:first] == w.tokens[:first]
+
+
+@pytest.mark.parametrize("parallel", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
+def test_disaggregation_with_parallel_replicas_moves_every_shard(tiny_model_dir, parallel):
+    """1 prefill + 1 decode replica, each tp=2 (or pp=2): rank i of the prefill replica pushes
+    its shard of each long prompt's KV to rank i of the decode replica; the decode replica
+    decodes once every rank has its shard. Same tokens and logprobs as one colocated rank, every
+    offloaded prompt through a transfer, no fallback, all blocks back."""
+    from tests.test_pd import THRESHOLD, PROMPT_LENS, metric, pd_args, wait_idle
+    from tests.test_pd import run_all as run_pd
+
+    with local_server([*base_args(tiny_model_dir), "--threads", "1"]) as srv:
+        want = run_pd(srv.url)
+    with local_server([*pd_args(tiny_model_dir), "--threads", "1", *parallel]) as srv:
+        assert_same(run_pd(srv.url), want)
+        h = wait_idle(srv.url)
+        offloaded = sum(n > THRESHOLD for n in PROMPT_LENS)
+        assert h["routing"].get("offload", 0) == offloaded
+        assert metric(srv.url, "tandem:kv_transfer_latency_seconds_count") == offloaded
+        assert metric(srv.url, "tandem:kv_fallbacks_total") == 0
+        assert all(r["num_live_transfers"] == 0 for r in h["replicas"].values())
