@@ -245,13 +245,34 @@ def _check_parallelism(deployment, engine_cfg) -> None:
                          + "; ".join(unsupported))
 
 
+def _ray_launcher(args, deployment):
+    """Join the Ray cluster and reserve a placement group per replica (before any starts)."""
+    from cluster.placement import PlacementError, plan_placement
+    from cluster.ray_launcher import RayLauncher
+
+    if deployment.kv_transport != "zmq":
+        raise SystemExit("error: --ray-address needs --kv-transport zmq (the torch KV group is "
+                         "set up for one machine)")
+    launcher = RayLauncher(args.ray_address)
+    try:
+        requests = plan_placement(deployment, launcher.nodes())
+    except PlacementError as e:
+        raise SystemExit(f"error: {e}") from None
+    for req in requests:
+        if req.stage is not None:
+            raise SystemExit(f"error: replica {req.replica_id} does not fit one node; placing "
+                             f"pipeline stages on different nodes is not implemented yet")
+        launcher.place(req.replica_id, req.bundle_dicts(), req.strategy)
+    return launcher
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from cluster.launcher import LocalLauncher
 
     deployment = _deployment(args)
     engine_cfg = engine_config_from_args(args, deployment.model)
     _check_parallelism(deployment, engine_cfg)
-    launcher = LocalLauncher()
+    launcher = _ray_launcher(args, deployment) if args.ray_address else LocalLauncher()
     for spec in _replica_specs(deployment, engine_cfg, launcher, args.kv_timeout):
         launcher.start(spec)
     try:
@@ -389,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--kv-timeout", type=float, default=30.0,
                    help="A KV transfer with no progress for this long fails; the decode replica "
                         "then recomputes the prompt itself.")
+    d.add_argument("--ray-address", default=None,
+                   help="Start the replicas as Ray actors on this Ray cluster (e.g. 10.0.0.1:6379), "
+                        "one placement group per replica from the spec's resources; without it "
+                        "replicas are local processes and Ray is never imported.")
     d.add_argument("--spec", default=None,
                    help="Deployment spec YAML (replica groups, routing, KV settings); replaces the "
                         "flags of this group. See cluster/spec.py.")

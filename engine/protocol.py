@@ -70,6 +70,9 @@ class ReplicaReady:
     """hybrid | prefill | decode."""
     kv_addr: str | None = None
     """Decode replicas: where prefill replicas push KV."""
+    input_addr: str | None = None
+    """Where the replica's input socket is bound; a restarted Ray actor has a new one, which the
+    gateway connects to."""
 
 
 @dataclass

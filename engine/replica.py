@@ -82,7 +82,11 @@ class ReplicaServer:
         self.engine = EngineCore(config)
         self.ctx = zmq.Context()
         self.inputs = self.ctx.socket(zmq.PULL)
-        self.inputs.bind(input_addr)
+        # tcp port 0 picks a free port (a Ray actor binds its node's address so).
+        self.inputs.bind(input_addr[:-2] + ":*" if input_addr.startswith("tcp://") and input_addr.endswith(":0")
+                         else input_addr)
+        self.input_addr: str = self.inputs.getsockopt_string(zmq.LAST_ENDPOINT)
+        """Where the gateway reaches this replica (reported in `ReplicaReady`)."""
         self.outputs = self.ctx.socket(zmq.PUSH)
         self.outputs.setsockopt(zmq.LINGER, 1000)
         self.outputs.setsockopt(zmq.SNDHWM, 0)   # never drop or block on token frames
@@ -151,6 +155,7 @@ class ReplicaServer:
             replica_id=self.replica_id, model=cfg.model_name,
             max_model_len=cfg.scheduler.max_model_len, num_blocks=self.engine.runner.num_blocks,
             block_size=cfg.scheduler.block_size, pid=os.getpid(), role=self.role,
+            input_addr=self.input_addr,
         )
 
     # -- the loop ----------------------------------------------------------------------------

@@ -106,6 +106,7 @@ def create_app(config: GatewayConfig, tokenizer: Tokenizer, pool: ReplicaPool) -
         for rid, r in pool.replicas.items():
             replicas[rid] = {
                 "role": r.role,
+                "address": r.address,
                 "ready": r.ready is not None,
                 "pid": r.ready.pid if r.ready is not None else None,
                 "healthy": r.is_healthy(now, pool.heartbeat_timeout_s),

@@ -134,6 +134,7 @@ class ReplicaPool:
         self._pull.bind(output_addr)
         self.output_addr: str = self._pull.getsockopt_string(zmq.LAST_ENDPOINT)
         self._push: dict[str, zmq.asyncio.Socket] = {}
+        self._linger_ms = linger_ms
         self._replicas: dict[str, ReplicaState] = {}
         for rid, addr in replica_addrs.items():
             sock = self._ctx.socket(zmq.PUSH)
@@ -418,6 +419,8 @@ class ReplicaPool:
                          msg.pid if isinstance(msg, ReplicaReady) else replica.lost_pid)
                 replica.lost, replica.reconnected = False, False
         if isinstance(msg, ReplicaReady):
+            if msg.input_addr and msg.input_addr != replica.address:
+                self._reconnect(replica, msg.input_addr)
             if replica.ready is not None and replica.ready.pid != msg.pid:
                 replica.restarts += 1
                 self._evict(replica, f"replica {replica.replica_id} restarted")
@@ -487,6 +490,26 @@ class ReplicaPool:
                                    f"{t.exception()!r}", retryable=True)
         task.add_done_callback(sent)
         return True
+
+    def _reconnect(self, replica: ReplicaState, address: str) -> None:
+        """The replica came back at another address (a restarted Ray actor): a new PUSH socket.
+        Frames queued for the old address are dropped with it (their requests were evicted)."""
+        rid = replica.replica_id
+        log.info("replica %s now at %s (was %s)", rid, address, replica.address)
+        old = self._push[rid]
+        if rid in self._monitors:
+            old.disable_monitor()
+            self._monitors.pop(rid).close(linger=0)
+        old.close(linger=0)
+        sock = self._ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, self._linger_ms)
+        sock.connect(address)
+        self._push[rid] = sock
+        replica.address = address
+        if self._started:
+            self._monitors[rid] = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            self._tasks.append(asyncio.get_running_loop().create_task(
+                self._watch_socket(rid), name=f"replica-socket-{rid}"))
 
     async def _watch_socket(self, replica_id: str) -> None:
         """A replica's input socket dropping means its process died (or the network did)."""

@@ -296,5 +296,6 @@ def test_late_transfer_events_for_ended_requests_are_ignored():
 
 def test_gateway_and_cli_do_not_load_torch():
     code = ("import sys, gateway.app, cluster.cli; cluster.cli.build_parser(); "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
+            "assert 'torch' not in sys.modules, 'torch was imported'; "
+            "assert 'ray' not in sys.modules, 'ray was imported without --ray-address'")
     subprocess.run([sys.executable, "-c", code], check=True)
