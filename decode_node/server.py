@@ -63,9 +63,11 @@ class DecodeServer(ReplicaServer):
         if self._workers is not None:
             if kv.transport != "zmq":
                 raise ValueError("a decode replica with tp/pp > 1 needs --kv-transport zmq")
-            self.kv_addrs += [f"{self.kv_addr}-rank{r}" for r in range(1, config.world_size)]
-            self._workers.kv({r: {"op": "listen", "addr": self.kv_addrs[r], "timeout_s": kv.timeout_s}
-                              for r in range(1, config.world_size)})
+            # Beside ours: ipc paths get a rank suffix, tcp a free port on this node.
+            base = self.kv_addr.rsplit(":", 1)[0] + ":0" if self.kv_addr.startswith("tcp://") else None
+            bound = self._workers.kv_listen(
+                {r: base or f"{self.kv_addr}-rank{r}" for r in range(1, config.world_size)}, kv.timeout_s)
+            self.kv_addrs += [bound[r] for r in range(1, config.world_size)]
 
     def ready_frame(self) -> protocol.ReplicaReady:
         frame = super().ready_frame()

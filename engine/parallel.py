@@ -204,13 +204,15 @@ class RankKV:
         self.senders: dict[str, object] = {}
         self.expected: set[str] = set()
 
-    def handle(self, op: dict, kv_caches: list[torch.Tensor]) -> None:
+    def handle(self, op: dict, kv_caches: list[torch.Tensor]) -> str | None:
+        """Carry out one instruction; "listen" returns the address the receiver bound."""
         from kv_transfer import KVReceiver, KVSender, make_transport  # noqa: PLC0415 - nodes only
 
         kind, tid = op["op"], op.get("transfer_id")
         if kind == "listen":
             self.receiver = KVReceiver(make_transport("zmq", "receiver", address=op["addr"]),
                                        default_timeout_s=op["timeout_s"])
+            return self.receiver.transport.address
         elif kind == "expect":
             self.receiver.expect(tid, op["request_id"], op["block_ids"], op["num_tokens"],
                                  timeout_s=op["timeout_s"])
@@ -231,6 +233,7 @@ class RankKV:
                 sender.send_done(tid, op["request_id"], op["first_token"], op["num_tokens"])
             elif kind == "abort":
                 sender.send_abort(tid, op["reason"], request_id=op["request_id"])
+        return None
 
     def poll(self, kv_caches: list[torch.Tensor]) -> list[dict]:
         events = list(self.receiver.poll(kv_caches)) if self.receiver is not None else []
@@ -294,15 +297,30 @@ class Workers:
         for rank, op in ops.items():
             self.socks[rank - 1].send_multipart([b"kv", msgpack.packb(op, use_bin_type=True)])
 
+    def kv_listen(self, addrs: dict[int, str], timeout_s: float) -> dict[int, str]:
+        """Each worker rank binds a KV receiver (address per rank; tcp port 0 picks one) and
+        says where: rank -> bound address."""
+        self.kv({r: {"op": "listen", "addr": a, "timeout_s": timeout_s} for r, a in addrs.items()})
+        bound: dict[int, str] = {}
+        while len(bound) < len(addrs):
+            if not self._reports.poll(GROUP_TIMEOUT_S * 1000):
+                raise ParallelBroken(f"worker ranks {sorted(set(addrs) - set(bound))} did not bind "
+                                     f"their KV receivers within {GROUP_TIMEOUT_S:g}s")
+            rank, kind, payload = msgpack.unpackb(self._reports.recv(), raw=False)
+            if kind == "listening":
+                bound[rank] = payload
+        return bound
+
     def kv_reports(self) -> list[tuple[int, dict]]:
         """(rank, transfer event) the workers reported since the last call (non-blocking)."""
         out = []
         while True:
             try:
-                rank, events = msgpack.unpackb(self._reports.recv(zmq.NOBLOCK), raw=False)
+                rank, kind, events = msgpack.unpackb(self._reports.recv(zmq.NOBLOCK), raw=False)
             except zmq.Again:
                 return out
-            out += [(rank, e) for e in events]
+            if kind == "events":
+                out += [(rank, e) for e in events]
 
     def close(self, timeout_s: float = 5.0) -> None:
         for sock in self.socks:
@@ -355,13 +373,15 @@ def worker_main(argv: list[str] | None = None) -> None:
                 if kind == b"step":
                     runner.forward(decode_forward(payload[0]))
                 else:
-                    kv.handle(msgpack.unpackb(payload[0], raw=False), runner.kv_caches)
+                    bound = kv.handle(msgpack.unpackb(payload[0], raw=False), runner.kv_caches)
+                    if bound is not None:
+                        reports.send(msgpack.packb([config.rank, "listening", bound], use_bin_type=True))
             elif os.getppid() != parent:
                 log.warning("driver exited; rank %d stops", config.rank)
                 return
             events = kv.poll(runner.kv_caches)
             if events:
-                reports.send(msgpack.packb([config.rank, events], use_bin_type=True))
+                reports.send(msgpack.packb([config.rank, "events", events], use_bin_type=True))
     except ParallelBroken as e:
         log.warning("rank %d stops: %s", config.rank, e)
     finally:
