@@ -60,8 +60,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "layer (Gloo on CPU, NCCL on CUDA). Runs eagerly (no --compile) for now.")
     g.add_argument("--pp", type=int, default=1,
                    help="Pipeline stages per replica: the layers split "
-                        "into contiguous stages, one process per stage (x --tp ranks); stages run "
-                        "one after another within a step (no micro-batches yet). Eager only.")
+                        "into contiguous stages, one process per stage (x --tp ranks); each step is "
+                        "cut into pp micro-batches so stages overlap. Eager only.")
     g.add_argument("--threads", type=int, default=0,
                    help="torch threads of each replica process, of each rank with --tp (default: "
                         "the cores split evenly among replicas and their ranks).")
@@ -346,7 +346,12 @@ async def _serve_gateway(args, engine_cfg, launcher, deployment) -> None:
 def cmd_bench_engine(args: argparse.Namespace) -> None:
     from bench.engine_bench import run_engine_bench
 
-    run_engine_bench(engine_config_from_args(args), batch_sizes=args.batch_sizes, context=args.context,
+    cfg = engine_config_from_args(args)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    run_engine_bench(cfg, batch_sizes=args.batch_sizes, context=args.context,
                      prefill_len=args.prefill_len, repeats=args.repeats)
 
 

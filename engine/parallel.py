@@ -18,8 +18,9 @@ Life cycle of a replica with tp * pp = N ranks:
    PUSH socket per worker; KV-transfer instructions go down the same ordered channel between
    steps, and each worker moves its own shard of a prompt's KV, `RankKV`) and then runs its own
    forward; ranks meet in the all-reduces and the
-   stage-to-stage sends; only the driver computes logits and samples. Stages run one after the
-   other within a step (no micro-batches yet: a pipeline bubble of (pp-1)/pp);
+   stage-to-stage sends; only the driver computes logits and samples. With pp > 1 every rank cuts
+   the step into pp micro-batches of whole sequences (`split_batch`), and sends go out without
+   waiting, so stage s runs micro-batch m+1 while stage s+1 runs m;
 4. a rank that dies fails the driver's next collective (or the driver sees its exit first): the
    step raises `ParallelBroken`, which ends the replica process, so the launcher restarts the
    whole replica with a fresh group; workers exit when their driver does.
@@ -166,32 +167,40 @@ class Pipeline:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of `x` over this stage's tensor-parallel ranks (in place)."""
-        return _collective(functools.partial(dist.all_reduce, x, group=self.tp_group), x)
+        _collective(functools.partial(dist.all_reduce, x, group=self.tp_group))
+        return x
 
-    def send_next(self, x: torch.Tensor) -> None:
-        """Activations to the same tp rank of the next stage."""
-        _collective(functools.partial(dist.send, x.contiguous(), dst=self.config.rank + self.config.tp))
+    def send_next(self, x: torch.Tensor):
+        """Activations to the same tp rank of the next stage, without waiting for it to take them
+        (so this stage goes on with the next micro-batch); `.wait()` the handle before reusing x."""
+        return _collective(functools.partial(dist.isend, x.contiguous(), dst=self.config.rank + self.config.tp))
 
     def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         x = torch.empty(shape, dtype=dtype, device=self.device)
-        return _collective(functools.partial(dist.recv, x, src=self.config.rank - self.config.tp), x)
+        _collective(functools.partial(dist.recv, x, src=self.config.rank - self.config.tp))
+        return x
 
-    def send_result(self, x: torch.Tensor) -> None:
-        """The last stage's hidden rows, from its tp rank 0 to the driver."""
-        _collective(functools.partial(dist.send, x.contiguous(), dst=0))
+    def send_result(self, x: torch.Tensor):
+        """The last stage's hidden rows, from its tp rank 0 to the driver (not waiting for it)."""
+        return _collective(functools.partial(dist.isend, x.contiguous(), dst=0))
 
     def recv_result(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         x = torch.empty(shape, dtype=dtype, device=self.device)
-        last = (self.config.pp - 1) * self.config.tp
-        return _collective(functools.partial(dist.recv, x, src=last), x)
+        _collective(functools.partial(dist.recv, x, src=(self.config.pp - 1) * self.config.tp))
+        return x
+
+    @staticmethod
+    def wait(work) -> None:
+        """Until a `send_next` / `send_result` has completed."""
+        _collective(work.wait)
 
 
-def _collective(call, result=None):
+def _collective(call):
+    """Run a collective or point-to-point call; a failure means a rank is gone."""
     try:
-        call()
+        return call()
     except (RuntimeError, dist.DistBackendError) as e:
         raise ParallelBroken(f"a collective of the replica's ranks failed: {e}") from e
-    return result
 
 
 class RankKV:

@@ -25,7 +25,7 @@ from engine.model import LlamaForCausalLM
 from engine.model_config import ModelConfig, kv_bytes_per_block
 from engine.quant import quantize_model
 from engine.sampler import LogprobEntry, Sampler, top_logprob_entries
-from engine.step_batch import StepBatch, prepare_step
+from engine.step_batch import StepBatch, prepare_step, split_batch
 from engine.parallel import Pipeline, Workers, cache_model_config, make_shard
 from engine.weights import load_state_dict
 from scheduler.core import SchedulerOutput
@@ -151,23 +151,43 @@ class ModelRunner:
         if self.workers is not None:
             self.workers.broadcast(batch)   # they pad and plan it as below, on their own heads
         batch = self._pad(batch)
+        if self.shard.pp > 1:
+            return self._forward_pipelined(batch)
         attn = self.backend.plan(batch, self.shard.num_heads, self.shard.num_kv_heads,
                                  self.model_config.head_dim, self.dtype)
-        to, shard, pipe = self.device, self.shard, self.pipeline
-        hidden = self.model_config.hidden_size
-        hidden_in = None if shard.first_stage else pipe.recv_prev((batch.num_tokens, hidden), self.dtype)
-        out = self._forward(torch.from_numpy(batch.input_ids).to(to), torch.from_numpy(batch.positions).to(to),
-                            self.kv_caches, attn, torch.from_numpy(batch.logit_rows).to(to), self.backend,
-                            hidden_in)
-        if shard.pp == 1:
-            return out
-        if not shard.last_stage:
-            pipe.send_next(out)
-        elif shard.tp_rank == 0:
-            pipe.send_result(out)
+        return self._forward_one(batch, attn)
+
+    def _forward_one(self, batch: StepBatch, attn, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        to = self.device
+        return self._forward(torch.from_numpy(batch.input_ids).to(to), torch.from_numpy(batch.positions).to(to),
+                             self.kv_caches, attn, torch.from_numpy(batch.logit_rows).to(to), self.backend,
+                             hidden_in)
+
+    def _forward_pipelined(self, batch: StepBatch) -> torch.Tensor | None:
+        """Pipeline stages: the step is cut into `pp` micro-batches of whole sequences (every rank
+        cuts it the same way), so while stage s runs micro-batch m+1, stage s+1 runs m. The
+        driver gets each micro-batch's hidden rows from the last stage and puts them back in
+        `batch.logit_rows` order."""
+        shard, pipe, hidden = self.shard, self.pipeline, self.model_config.hidden_size
+        pending = []   # sends in flight: their tensors must live until they complete
+        for mb, _ in split_batch(batch, shard.pp):
+            attn = self.backend.plan(mb, shard.num_heads, shard.num_kv_heads, self.model_config.head_dim,
+                                     self.dtype)
+            hidden_in = None if shard.first_stage else pipe.recv_prev((mb.num_tokens, hidden), self.dtype)
+            out = self._forward_one(mb, attn, hidden_in)
+            if not shard.last_stage:
+                pending.append((pipe.send_next(out), out))
+            elif shard.tp_rank == 0:
+                pending.append((pipe.send_result(out), out))
+        result = None
         if shard.rank == 0:
-            return pipe.recv_result((len(batch.logit_rows), hidden), self.dtype)
-        return out   # a worker's result is not used
+            result = torch.empty((len(batch.logit_rows), hidden), dtype=self.dtype, device=self.device)
+            for mb, where in split_batch(batch, shard.pp):
+                rows = pipe.recv_result((len(mb.logit_rows), hidden), self.dtype)
+                result[torch.from_numpy(where)] = rows
+        for work, _ in pending:
+            pipe.wait(work)
+        return result
 
     def _pad(self, batch: StepBatch) -> StepBatch:
         """Up to `min_rows` rows (a one-token sequence in the scratch block) and logit rows

@@ -166,3 +166,34 @@ def decode_forward(data: bytes) -> StepBatch:
     arrays = {name: np.frombuffer(raw, np.dtype(dt)).reshape(shape).copy()   # writable, as torch wants
               for name, (dt, shape, raw) in ((n, body[n]) for n in _FORWARD_ARRAYS)}
     return StepBatch(num_short_seqs=body["num_short_seqs"], **arrays)
+
+
+def split_batch(batch: StepBatch, parts: int) -> list[tuple[StepBatch, np.ndarray]]:
+    """Cut a step into up to `parts` micro-batches of whole sequences with about equal rows, for
+    pipeline stages to work on different micro-batches at once. Each comes with the positions in
+    `batch.logit_rows` its own logit rows fill (its hidden rows go back there). Sequences keep
+    their order, so each micro-batch still has its short runs first. Forward arrays only."""
+    num_seqs = batch.num_seqs
+    parts = max(1, min(parts, num_seqs))
+    first, rows = batch.seq_info[:, 0].astype(np.int64), batch.seq_info[:, 1].astype(np.int64)
+    ends = first + rows
+    # After how many sequences to cut: the sequence end nearest to each equal share of the rows,
+    # never an empty part.
+    targets = batch.num_tokens * np.arange(1, parts) / parts
+    i = np.clip(np.searchsorted(ends, targets), 0, num_seqs - 1)      # first end >= target
+    before = np.abs(ends[np.maximum(i - 1, 0)] - targets) <= np.abs(ends[i] - targets)
+    cuts = np.clip(np.where((i > 0) & before, i, i + 1), 1, max(1, num_seqs - 1))
+    bounds = np.unique(np.concatenate([[0], cuts, [num_seqs]]))
+    out = []
+    for s0, s1 in zip(bounds[:-1], bounds[1:]):
+        r0, r1 = int(first[s0]), int(ends[s1 - 1])
+        mine = np.nonzero((batch.logit_rows >= r0) & (batch.logit_rows < r1))[0]
+        seq_info = batch.seq_info[s0:s1].copy()
+        seq_info[:, 0] -= r0
+        out.append((StepBatch(
+            input_ids=batch.input_ids[r0:r1], positions=batch.positions[r0:r1],
+            slot_mapping=batch.slot_mapping[r0:r1], seq_info=seq_info,
+            block_table=batch.block_table[s0:s1],
+            num_short_seqs=int(max(0, min(batch.num_short_seqs, s1) - s0)),
+            logit_rows=batch.logit_rows[mine] - r0), mine))
+    return out

@@ -12,6 +12,7 @@ import subprocess
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 from bench.server import local_server
@@ -171,3 +172,33 @@ def test_disaggregation_with_parallel_replicas_moves_every_shard(tiny_model_dir,
         assert metric(srv.url, "tandem:kv_transfer_latency_seconds_count") == offloaded
         assert metric(srv.url, "tandem:kv_fallbacks_total") == 0
         assert all(r["num_live_transfers"] == 0 for r in h["replicas"].values())
+
+
+def test_micro_batches_partition_the_step_and_its_logit_rows():
+    from engine.step_batch import split_batch
+    from scheduler.config import SchedulerConfig
+    from scheduler.policies import make_scheduler
+    from scheduler.request import Request, SamplingParams
+
+    sched = make_scheduler(SchedulerConfig(token_budget=64, max_num_seqs=8, block_size=4,
+                                           max_model_len=128), 64)
+    for i, n in enumerate((5, 9, 3, 12, 7)):
+        sched.add_request(Request(f"r{i}", list(range(1, n + 1)),
+                                  SamplingParams(max_tokens=3, prompt_logprobs=1 if i == 1 else None), 0.0))
+    out = sched.schedule(0.0)
+    sched.update(out, {c.request.request_id: 7 for c in out.chunks if c.samples}, 0.0)
+    sched.add_request(Request("late", list(range(1, 30)), SamplingParams(max_tokens=2), 0.0))
+    batch = prepare_step(sched.schedule(1.0), 4)          # decodes first, then a prefill chunk
+    parts = split_batch(batch, 2)
+    assert len(parts) == 2
+    where = np.concatenate([w for _, w in parts])
+    assert sorted(where.tolist()) == list(range(len(batch.logit_rows)))
+    row0 = 0
+    for mb, w in parts:
+        assert (mb.logit_rows + row0 == batch.logit_rows[w]).all()
+        assert mb.seq_info[0, 0] == 0 and mb.num_tokens == mb.seq_info[:, 1].sum()
+        assert (mb.input_ids == batch.input_ids[row0:row0 + mb.num_tokens]).all()
+        assert all(mb.seq_info[:mb.num_short_seqs, 1] <= 1) and all(mb.seq_info[mb.num_short_seqs:, 1] > 1)
+        row0 += mb.num_tokens
+    assert row0 == batch.num_tokens
+    assert 2 <= len(split_batch(batch, 99)) <= batch.num_seqs   # "up to": whole sequences only
