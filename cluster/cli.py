@@ -253,7 +253,7 @@ def _ray_launcher(args, deployment):
     if deployment.kv_transport != "zmq":
         raise SystemExit("error: --ray-address needs --kv-transport zmq (the torch KV group is "
                          "set up for one machine)")
-    launcher = RayLauncher(args.ray_address)
+    launcher = RayLauncher(None if args.ray == "local" else args.ray_address)
     try:
         requests = plan_placement(deployment, launcher.nodes())
     except PlacementError as e:
@@ -272,7 +272,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     deployment = _deployment(args)
     engine_cfg = engine_config_from_args(args, deployment.model)
     _check_parallelism(deployment, engine_cfg)
-    launcher = _ray_launcher(args, deployment) if args.ray_address else LocalLauncher()
+    launcher = _ray_launcher(args, deployment) if args.ray_address or args.ray else LocalLauncher()
     for spec in _replica_specs(deployment, engine_cfg, launcher, args.kv_timeout):
         launcher.start(spec)
     try:
@@ -419,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Start the replicas as Ray actors on this Ray cluster (e.g. 10.0.0.1:6379), "
                         "one placement group per replica from the spec's resources; without it "
                         "replicas are local processes and Ray is never imported.")
+    d.add_argument("--ray", choices=["local"], default=None,
+                   help="local: start a private single-node Ray for this server and run the "
+                        "replicas as actors in it (as --ray-address would on a cluster).")
     d.add_argument("--spec", default=None,
                    help="Deployment spec YAML (replica groups, routing, KV settings); replaces the "
                         "flags of this group. See cluster/spec.py.")

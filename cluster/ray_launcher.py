@@ -1,4 +1,5 @@
-"""Replicas as Ray actors in placement groups (`tandem serve --ray-address ADDR`).
+"""Replicas as Ray actors in placement groups (`tandem serve --ray-address ADDR`, or `--ray local`
+for a private single-node Ray).
 
 Life cycle of a replica on a Ray cluster:
 1. `cluster.placement.plan_placement` turns its group into a placement-group request (one bundle
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import replace
 
 from cluster.launcher import ReplicaSpec
@@ -71,11 +74,19 @@ class RayLauncher:
     """Starts replicas as Ray actors; the same `start` / `dead` / `restart` / `stop` as
     `LocalLauncher`, so the supervisor and the serve loop do not know which one they drive."""
 
-    def __init__(self, address: str, ready_timeout_s: float = 120.0) -> None:
-        import ray  # noqa: PLC0415 - only with --ray-address
+    def __init__(self, address: str | None, ready_timeout_s: float = 120.0) -> None:
+        """`address`: a running cluster to join (host:port, or "auto"); None starts a private
+        single-node Ray for this `tandem serve` (no dashboard, its own short temp dir)."""
+        import ray  # noqa: PLC0415 - only with --ray-address / --ray local
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        if address is None:
+            self._temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")   # AF_UNIX paths: keep it short
+            ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                     _temp_dir=self._temp)
+        else:
+            self._temp = None
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         self._ray = ray
         self.ready_timeout_s = ready_timeout_s
         self.output_addr = f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
@@ -153,3 +164,5 @@ class RayLauncher:
         for group in self._groups.values():
             self._ray.util.remove_placement_group(group)
         self._ray.shutdown()
+        if self._temp is not None:
+            shutil.rmtree(self._temp, ignore_errors=True)

@@ -125,3 +125,11 @@ replicas:
         assert new["restarts"] == 1 and new["address"].startswith("tcp://127.0.0.3:")
         assert run_pd(srv.url) == want
         wait_idle(srv.url)
+
+
+def test_ray_local_starts_a_private_ray_and_serves(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with local_server([*base_args(tiny_model_dir), "--ray", "local", "--hybrid-replicas", "2"]) as srv:
+        replicas = health(srv.url)["replicas"]
+        assert all(r["address"].startswith("tcp://") for r in replicas.values())
+        assert len(run_pd(srv.url)) == 6
