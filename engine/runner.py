@@ -136,7 +136,7 @@ class ModelRunner:
         self.sampler.release(request_id)
 
     def close(self) -> None:
-        """Stop the tensor-parallel worker ranks, if any."""
+        """Stop the worker ranks (tensor/pipeline parallelism), if any."""
         if self.workers is not None:
             self.workers.close()
             self.workers = None

@@ -2,8 +2,8 @@
 output with array operations (a Python loop per sequence, none per token).
 
 The forward never sees a `Request`: it reads a `StepBatch` (numpy arrays and ints), which a
-tensor-parallel worker can receive over the wire and the simulator can build without torch. The
-sampling half (`samples`, `prompt_logprobs`) is read only by the driver that samples.
+worker rank (tensor/pipeline parallelism) receives over the wire and the simulator can build
+without torch. The sampling half (`samples`, `prompt_logprobs`) is read only by the driver.
 
 Rows are the step's tokens, laid out sequence after sequence. Sequences with at most
 `short_run_rows` query rows (decodes) come first: attention has a kernel for them and another for
