@@ -66,11 +66,11 @@ def ray_cluster(tmp_path_factory):
 
 def test_pd_replicas_as_ray_actors_land_where_the_spec_says_and_come_back(ray_cluster, tiny_model_dir, tmp_path,
                                                                           monkeypatch):
-    """PD with tp=2 on both sides: each replica's placement group (two bundles) on the node its
-    custom resource pins; the same tokens as one colocated rank; KV bytes counted. Then the
-    decode actor is SIGKILLed under load: every request ends (200, or a clean 503/SSE error) within
-    5 s of the kill, /health stays 200, the replica comes back on its node and serves, nothing
-    leaks."""
+    """PD with tp=2 on both sides (and a hybrid replica): each replica's placement group on the
+    node its custom resource pins; the same tokens as one colocated rank; KV bytes counted. Then
+    the decode actor is SIGKILLed under load: every request ends (200, or a clean 503) within 5 s
+    of the kill, /health stays 200 (the hybrid replica serves), the replica comes back on its node
+    and serves, nothing leaks."""
     import concurrent.futures as cf
 
     import httpx
@@ -83,8 +83,9 @@ def test_pd_replicas_as_ray_actors_land_where_the_spec_says_and_come_back(ray_cl
 routing: pd
 offload_threshold: {THRESHOLD}
 replicas:
-  - {{role: prefill, count: 1, tp: 2, threads: 1, resources: {{CPU: 1, prefill_node: 0.01}}}}
-  - {{role: decode, count: 1, tp: 2, threads: 1, resources: {{CPU: 1, decode_node: 0.01}}}}
+  - {{role: prefill, count: 1, tp: 2, threads: 1, resources: {{CPU: 0.5, prefill_node: 0.01}}}}
+  - {{role: decode, count: 1, tp: 2, threads: 1, resources: {{CPU: 0.5, decode_node: 0.01}}}}
+  - {{role: hybrid, count: 1, threads: 1, resources: {{CPU: 1, prefill_node: 0.01}}}}
 """)
     args = base_args(tiny_model_dir)
     with local_server(args) as srv:
@@ -108,7 +109,11 @@ replicas:
                 time.sleep(0.05)
             os.kill(old["pid"], signal.SIGKILL)
             killed_at = time.monotonic()
-            assert httpx.get(f"{srv.url}/health").status_code in (200, 503)
+            statuses = set()
+            while not all(f.done() for f in running):   # the hybrid replica still serves
+                statuses.add(httpx.get(f"{srv.url}/health").status_code)
+                time.sleep(0.1)
+            assert statuses == {200}, statuses
             for f in running:
                 r, ended = f.result(timeout=120)
                 assert r.status_code in (200, 503), r.text           # never a bare 500
