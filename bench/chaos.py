@@ -94,6 +94,10 @@ class ChaosConfig:
         return max(1, self.num_requests // 250)
 
 
+DEFAULTS = ChaosConfig()
+"""The plan's defaults, which the command line's defaults are."""
+
+
 @dataclass
 class Spec:
     """One planned request."""
@@ -827,33 +831,38 @@ def add_parser(sub) -> None:
                "uncompiled); "
                "tests/test_chaos.py runs 200 against a tiny random model (under a minute).")
     g = p.add_argument_group("traffic")
-    g.add_argument("--num-requests", type=int, default=1000,
-                   help="Requests in all, bursts included (default 1000).")
-    g.add_argument("--seed", type=int, default=0, help="Seed of the request plan (default 0).")
-    g.add_argument("--concurrency", type=int, default=8,
-                   help="Requests in flight outside the bursts (default 8).")
-    g.add_argument("--deadline", type=float, default=60.0,
-                   help="Hard per-request deadline in s: a request with no end by then is hung (default 60).")
-    g.add_argument("--max-tokens", type=int, default=48,
+    g.add_argument("--num-requests", type=int, default=DEFAULTS.num_requests,
+                   help="Requests in all, bursts included (default %(default)s).")
+    g.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                   help="Seed of the request plan (default %(default)s).")
+    g.add_argument("--concurrency", type=int, default=DEFAULTS.concurrency,
+                   help="Requests in flight outside the bursts (default %(default)s).")
+    g.add_argument("--deadline", type=float, default=DEFAULTS.deadline_s,
+                   help="Hard per-request deadline in s: a request with no end by then is hung "
+                        "(default %(default)s).")
+    g.add_argument("--max-tokens", type=int, default=DEFAULTS.max_tokens,
                    help="Upper end of max_tokens of ordinary requests; cancelled streams ask up to 2x, "
-                        "client-timeout requests up to 3x (default 48).")
-    g.add_argument("--long-fraction", type=float, default=0.3,
-                   help="Share of requests with a prompt over --offload-threshold (default 0.3).")
-    g.add_argument("--long-prompt-max", type=int, default=320, help="Longest prompt in tokens (default 320).")
-    g.add_argument("--burst-size", type=int, default=32,
-                   help="Requests sent at once in each burst, to overflow the admission bound (default 32).")
+                        "client-timeout requests up to 3x (default %(default)s).")
+    g.add_argument("--long-fraction", type=float, default=DEFAULTS.long_fraction,
+                   help="Share of requests with a prompt over --offload-threshold (default %(default)s).")
+    g.add_argument("--long-prompt-max", type=int, default=DEFAULTS.long_prompt_max,
+                   help="Longest prompt in tokens (default %(default)s).")
+    g.add_argument("--burst-size", type=int, default=DEFAULTS.burst_size,
+                   help="Requests sent at once in each burst, to overflow the admission bound "
+                        "(default %(default)s).")
     g.add_argument("--bursts", type=int, default=None,
                    help="Number of bursts (default: one per 250 requests).")
-    g.add_argument("--kill-role", choices=ROLES, default="prefill",
+    g.add_argument("--kill-role", choices=ROLES, default=DEFAULTS.kill_role,
                    help="Role of the replica SIGKILLed midway (pid from /health); none: no kill "
-                        "(default prefill).")
-    g.add_argument("--kill-at", type=float, default=0.5,
-                   help="Share of the requests dispatched before the kill (default 0.5).")
-    g.add_argument("--recovery-timeout", type=float, default=120.0,
-                   help="Seconds the killed replica has to come back healthy with a new pid (default 120).")
-    g.add_argument("--drain-timeout", type=float, default=30.0,
+                        "(default %(default)s).")
+    g.add_argument("--kill-at", type=float, default=DEFAULTS.kill_at,
+                   help="Share of the requests dispatched before the kill (default %(default)s).")
+    g.add_argument("--recovery-timeout", type=float, default=DEFAULTS.recovery_timeout_s,
+                   help="Seconds the killed replica has to come back healthy with a new pid "
+                        "(default %(default)s).")
+    g.add_argument("--drain-timeout", type=float, default=DEFAULTS.drain_timeout_s,
                    help="Seconds after the load for every replica to free all KV blocks and transfers "
-                        "(default 30).")
+                        "(default %(default)s).")
     g.add_argument("--json", default=None, metavar="OUT",
                    help="Write the figures and every request's outcome here.")
     g.add_argument("--quiet", action="store_true", help="No progress lines on stderr.")
@@ -869,8 +878,9 @@ def add_parser(sub) -> None:
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the replicas (slower start and restart; default off).")
     s.add_argument("--threads", type=int, default=1, help="Torch threads per replica (default 1).")
-    s.add_argument("--offload-threshold", type=int, default=64,
-                   help="pd routing offloads prompts longer than this (default 64); long prompts exceed it.")
+    s.add_argument("--offload-threshold", type=int, default=DEFAULTS.offload_threshold,
+                   help="pd routing offloads prompts longer than this (default %(default)s); long "
+                        "prompts exceed it.")
     s.add_argument("--max-num-seqs", type=int, default=8, help="Running requests per replica (default 8).")
     s.add_argument("--max-waiting-per-replica", type=int, default=4,
                    help="Admission bound per replica: beyond it 429 (default 4, so bursts overflow).")
