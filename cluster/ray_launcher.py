@@ -57,7 +57,7 @@ def _actor_class():
             kv_cfg = KVConfig(**kv)
             if role == "decode" and kv_cfg.transport == "zmq":
                 kv_cfg = replace(kv_cfg, kv_addr=f"tcp://{ip}:0")
-            self.server = build_server(role, replica_id, cfg, f"tcp://{ip}:0", output_addr, kv_cfg)
+            self.server = build_server(role, replica_id, cfg, f"tcp://{ip}:*", output_addr, kv_cfg)
             return self.server.input_addr
 
         def serve(self) -> int:

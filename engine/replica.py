@@ -82,9 +82,7 @@ class ReplicaServer:
         self.engine = EngineCore(config)
         self.ctx = zmq.Context()
         self.inputs = self.ctx.socket(zmq.PULL)
-        # tcp port 0 picks a free port (a Ray actor binds its node's address so).
-        self.inputs.bind(input_addr[:-2] + ":*" if input_addr.startswith("tcp://") and input_addr.endswith(":0")
-                         else input_addr)
+        self.inputs.bind(input_addr)   # tcp://host:* picks a free port (a Ray actor binds so)
         self.input_addr: str = self.inputs.getsockopt_string(zmq.LAST_ENDPOINT)
         """Where the gateway reaches this replica (reported in `ReplicaReady`)."""
         self.outputs = self.ctx.socket(zmq.PUSH)

@@ -169,8 +169,9 @@ class ModelRunner:
         driver gets each micro-batch's hidden rows from the last stage and puts them back in
         `batch.logit_rows` order."""
         shard, pipe, hidden = self.shard, self.pipeline, self.model_config.hidden_size
+        parts = split_batch(batch, shard.pp)
         pending = []   # sends in flight: their tensors must live until they complete
-        for mb, _ in split_batch(batch, shard.pp):
+        for mb, _ in parts:
             attn = self.backend.plan(mb, shard.num_heads, shard.num_kv_heads, self.model_config.head_dim,
                                      self.dtype)
             hidden_in = None if shard.first_stage else pipe.recv_prev((mb.num_tokens, hidden), self.dtype)
@@ -182,7 +183,7 @@ class ModelRunner:
         result = None
         if shard.rank == 0:
             result = torch.empty((len(batch.logit_rows), hidden), dtype=self.dtype, device=self.device)
-            for mb, where in split_batch(batch, shard.pp):
+            for mb, where in parts:
                 rows = pipe.recv_result((len(mb.logit_rows), hidden), self.dtype)
                 result[torch.from_numpy(where)] = rows
         for work, _ in pending:
