@@ -26,6 +26,8 @@ workload examples (TRACES: a folder of Sarathi-Serve / Splitwise length-trace CS
       --length-scale 0.25 --max-prompt-tokens 1024 --max-output-tokens 128 --qps 1
   --trace-csv TRACES/splitwise_conv.csv --arrival trace --length-scale 0.25
   --trace-jsonl trace.jsonl            replay {"arrival_s", "prompt_tokens", "output_tokens"} lines
+  --turns 4 --system-prompt-len 256 --prompt-len 64 --output-len 32 --qps 2 --token-ids
+                                       multi-turn chats behind a shared system prompt
 Prompts are words that are one token each for SmolLM2/Llama/GPT-2 style tokenizers (see
 --tokens-per-word), or exact token ids with --token-ids."""
 
@@ -61,9 +63,12 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cv", type=float, default=1.0,
                    help="Gamma arrivals: coefficient of variation of the gaps (1 = Poisson, >1 burstier).")
     g.add_argument("--length-dist", default=None,
-                   choices=["fixed", "uniform", "lognormal", "zipf", "chat-doc", "trace"],
+                   choices=["fixed", "uniform", "lognormal", "zipf", "chat-doc", "arxiv", "arxiv-paper",
+                            "trace"],
                    help="Length distribution (default fixed; trace with --trace-csv). --prompt-len and "
-                        "--output-len are the values (fixed) or the means.")
+                        "--output-len are the values (fixed) or the means. arxiv / arxiv-paper: "
+                        "synthetic arXiv-summarization lengths (the 4k-filtered trace's statistics / "
+                        "the Sarathi-Serve paper's), no trace file needed.")
     g.add_argument("--prompt-len", type=int, default=128, help="Prompt tokens, value or mean (default 128).")
     g.add_argument("--output-len", type=int, default=64, help="Output tokens, value or mean (default 64).")
     g.add_argument("--spread", type=float, default=0.5,
@@ -82,6 +87,17 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="Multiply all lengths by this before capping (e.g. 0.25 to fit a small model).")
     g.add_argument("--max-prompt-tokens", type=int, default=None, help="Cap on prompt tokens.")
     g.add_argument("--max-output-tokens", type=int, default=None, help="Cap on output tokens.")
+    g.add_argument("--turns", type=int, default=1,
+                   help="Multi-turn chats: requests come in conversations of this many turns; "
+                        "--prompt-len/--output-len are then each turn's new message and answer, and "
+                        "turn k's prompt repeats the conversation so far (earlier messages and "
+                        "stand-ins of their answers) before its message, so a prefix cache can "
+                        "reuse it. Conversations start at --qps / --turns (default 1: no chats).")
+    g.add_argument("--system-prompt-len", type=int, default=0,
+                   help="Tokens of a system prompt every request starts with, the same for all "
+                        "(default 0).")
+    g.add_argument("--turn-gap-s", type=float, default=10.0,
+                   help="Multi-turn chats: seconds between a conversation's turns (default 10).")
     g.add_argument("--dump-workload", default=None, metavar="PATH",
                    help="Also write the generated workload as JSONL (replayable with --trace-jsonl).")
 
@@ -116,7 +132,8 @@ def workload_config(args: argparse.Namespace):
         output_len=args.output_len, spread=args.spread, sigma=args.sigma,
         doc_prompt_len=args.doc_prompt_len, doc_fraction=args.doc_fraction, trace_csv=args.trace_csv,
         trace_jsonl=args.trace_jsonl, length_scale=args.length_scale,
-        max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens)
+        max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
+        turns=args.turns, system_prompt_len=args.system_prompt_len, turn_gap_s=args.turn_gap_s)
 
 
 def _api_key(args) -> str | None:

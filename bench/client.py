@@ -166,7 +166,7 @@ async def run_load(workload: Workload, url: str, *, model: str | None = None,
     if run_timeout_s is None:
         run_timeout_s = workload.duration_s + timeout_s + 5.0
     target = completions_url(url)
-    built = [prompts.build(spec.prompt_tokens) for spec in workload]  # before the clock starts
+    built = [prompts.prompt(spec) for spec in workload]  # before the clock starts, in arrival order
     results = [RequestResult(i, s.prompt_tokens, s.output_tokens, s.arrival_s)
                for i, s in enumerate(workload)]
     n = max(1, min(len(workload), MAX_CONNECTIONS))

@@ -83,17 +83,18 @@ def run_engine_bench(config: EngineConfig, batch_sizes: list[int], context: int,
 
     sampling = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
-    def prefill() -> None:
-        engine.add_request("bench-prefill", [(3 * j) % mc.vocab_size + 1 for j in range(prefill_len)],
+    def prefill(salt: int) -> None:
+        # A prompt of its own each time: a repeated one would come from the prefix cache.
+        engine.add_request("bench-prefill", [(3 * j + salt) % mc.vocab_size + 1 for j in range(prefill_len)],
                            sampling)
         while engine.has_work():
             engine.step()
 
-    prefill()  # warm-up
+    prefill(0)  # warm-up
     times = []
-    for _ in range(max(1, repeats // 4)):
+    for rep in range(max(1, repeats // 4)):
         start = time.perf_counter()
-        prefill()
+        prefill(rep + 1)
         times.append(time.perf_counter() - start)
     t = statistics.median(times)
     chunks = -(-prefill_len // config.scheduler.token_budget)

@@ -11,6 +11,7 @@ the max logit error before the first difference.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from bench.agreement import Agreement, chat_prompts, greedy
 
@@ -40,7 +41,11 @@ def main(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = EngineCore(engine_config_from_args(args), keep_logits=True)
+    cfg = engine_config_from_args(args)
+    # Every run must prefill its prompt itself and round-trip KV that only it holds: with prefix
+    # caching a run would share (and round-trip in place) the reference run's cached blocks.
+    cfg = replace(cfg, scheduler=replace(cfg.scheduler, enable_prefix_caching=False))
+    engine = EngineCore(cfg, keep_logits=True)
     prompts = chat_prompts(engine.tokenizer)
     reference = [greedy(engine, f"ref-{i}", p, args.new_tokens) for i, p in enumerate(prompts)]
     print(f"{len(prompts)} prompts, {args.new_tokens} greedy tokens each, "

@@ -103,6 +103,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(default: max(8192, --max-model-len)).")
     s.add_argument("--watermark", type=float, default=0.01,
                    help="Share of KV blocks kept free at admission so running requests can grow.")
+    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="Automatic prefix caching (default on): full KV blocks stay cached under a "
+                        "hash of their whole prefix and are shared by later requests that start "
+                        "with the same tokens (system prompts, chat history), which then skip "
+                        "computing them; unused ones are evicted LRU when memory is needed. "
+                        "Every replica, prefill and decode ones included.")
     s.add_argument("--trace-file", default=None,
                    help="Append one JSON line of per-iteration telemetry here (decode/prefill tokens, "
                         "sequences, budget, step time, preemptions).")
@@ -138,7 +144,7 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None = None):
             idle_token_budget=args.idle_token_budget, max_num_seqs=max_num_seqs,
             max_batched_tokens=args.max_batched_tokens or max(8192, max_len),
             block_size=args.block_size, max_model_len=max_len, watermark=args.watermark,
-            budget=budget)
+            budget=budget, enable_prefix_caching=args.enable_prefix_caching)
         return EngineConfig(model_dir=str(model_dir), model_name=name, dtype=args.dtype,
                             compile=args.compile, quantization=args.quantization, device=args.device,
                             attention=args.attention, threads=args.threads, tp=args.tp, pp=args.pp,
@@ -372,8 +378,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     save_profile(samples, args.out)
     model = StepTimeModel.fit(samples)
     print(f"wrote {len(samples)} samples to {args.out}")
-    print("fitted step time (s) = " + " + ".join(
-        f"{c:.3g}*{f}" for c, f in zip(model.coef, ["1", "P", "D", "D*ctx", "P*ctx"])))
+    print(f"fitted step time (s) = {model.describe()}")
     for slo in args.slo_ms:
         sched = replace(cfg.scheduler, budget=replace(cfg.scheduler.budget, tbt_slo_ms=slo))
         print(f"  TBT SLO {slo:g} ms -> profiled token budget {profiled_budget(sched, model)}")

@@ -5,9 +5,11 @@ Request life cycle on this node:
    for a long prompt (short ones come plain and are prefilled here, stall-free);
 2. we reserve blocks for the whole prompt and expect the transfer (WAITING); if the blocks or a
    batch slot are not free right now -- counting what the requests already waiting here need, so
-   the reservation never delays them (FCFS) -- the request simply queues for a local prefill;
-3. we send the prompt to the prefill node with `kv_target` = our KV address and those block ids
-   (request id `<id>/prefill`), and expect the transfer;
+   the reservation never delays them (FCFS) -- the request simply queues for a local prefill.
+   With prefix caching the reservation shares the blocks of the prompt's cached prefix here;
+3. we send the prompt to the prefill node with `kv_target` = our KV address, those block ids and
+   `skip_tokens` = that cached prefix (request id `<id>/prefill`), and expect the transfer of the
+   rest only: a frame writing a cached (possibly shared) block fails it;
 4. every loop turn `KVReceiver.poll` writes arriving KV into the reserved blocks
    (TRANSFERRING); on "done" the request joins the running batch with all prompt tokens but the
    last computed -- the next step computes that one and samples the first token here;
@@ -96,16 +98,19 @@ class DecodeServer(ReplicaServer):
         if isinstance(result, protocol.RequestOutput):
             return [result]
         tid, blocks = info["transfer_id"], list(result.block_ids)
+        # Its cached prefix's blocks are shared here: the prefill replica sends only the rest.
+        cached = result.num_computed_tokens
         self._receiver(info).expect(tid, msg.request_id, blocks, result.num_prompt_tokens,
-                                    timeout_s=self.kv.timeout_s)
+                                    timeout_s=self.kv.timeout_s, num_cached_tokens=cached)
         if self._workers is not None:
             self._workers.kv({r: {"op": "expect", "transfer_id": tid, "request_id": msg.request_id,
                                   "block_ids": blocks, "num_tokens": result.num_prompt_tokens,
-                                  "timeout_s": self.kv.timeout_s} for r in range(1, len(self.kv_addrs))})
+                                  "timeout_s": self.kv.timeout_s, "num_cached_tokens": cached}
+                              for r in range(1, len(self.kv_addrs))})
         self._pending[msg.request_id] = {**info, "ranks_left": set(range(len(self.kv_addrs)))}
         target = {"transfer_id": tid, "request_id": msg.request_id, "kv_addr": self.kv_addr,
                   "kv_addrs": self.kv_addrs, "decode_replica": self.replica_id,
-                  "dst_block_ids": blocks}
+                  "dst_block_ids": blocks, "skip_tokens": cached}
         prefill_sampling = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         self._to_prefill(info["prefill_addr"], protocol.AddRequest(
             msg.request_id + PREFILL_SUFFIX, msg.prompt_token_ids, prefill_sampling, time.time(),

@@ -162,5 +162,6 @@ class EngineCore:
             num_running=len(s.running), num_waiting=len(s.waiting),
             num_free_blocks=bm.num_free_blocks, num_blocks=bm.num_blocks,
             kv_cache_usage=bm.usage, num_preemptions=s.num_preemptions, token_budget=s.token_budget,
-            max_num_seqs=s.config.max_num_seqs,
+            max_num_seqs=s.config.max_num_seqs, prefix_cache_queries=bm.num_queried_tokens,
+            prefix_cache_hits=bm.num_hit_tokens,
         )

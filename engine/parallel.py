@@ -224,7 +224,7 @@ class RankKV:
             return self.receiver.transport.address
         elif kind == "expect":
             self.receiver.expect(tid, op["request_id"], op["block_ids"], op["num_tokens"],
-                                 timeout_s=op["timeout_s"])
+                                 timeout_s=op["timeout_s"], num_cached_tokens=op.get("num_cached_tokens", 0))
             self.expected.add(tid)
         elif kind == "cancel":
             self.receiver.cancel(tid)

@@ -33,7 +33,8 @@ class AddRequest:
     {"transfer_id", "prefill_replica", "prefill_addr"}."""
     kv_target: dict | None = None
     """To a prefill replica: compute the prompt and push its KV to a decode replica.
-    {"transfer_id", "request_id" (decode side), "kv_addr", "decode_replica", "dst_block_ids"}."""
+    {"transfer_id", "request_id" (decode side), "kv_addr", "decode_replica", "dst_block_ids",
+    "skip_tokens" (the prompt's prefix the decode replica has cached: not to be sent)}."""
 
 
 @dataclass
@@ -114,6 +115,11 @@ class ReplicaStats:
     """Most requests the replica runs at once (0: unknown); the gateway's admission uses it."""
     num_live_transfers: int = 0
     """KV transfers in flight here: prompts a decode replica awaits, pushes a prefill replica owes."""
+    prefix_cache_queries: int = 0
+    """Tokens of the requests looked up in the prefix cache at admission (re-admissions after a
+    preemption and decode-side reservations included), total since start."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens found cached (their KV reused instead of computed), total since start."""
 
 
 @dataclass

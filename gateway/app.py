@@ -118,6 +118,10 @@ def create_app(config: GatewayConfig, tokenizer: Tokenizer, pool: ReplicaPool) -
                 "num_blocks": r.stats.num_blocks,
                 "kv_cache_usage": r.stats.kv_cache_usage,
                 "num_live_transfers": r.stats.num_live_transfers,
+                "prefix_cache_queries": r.stats.prefix_cache_queries,
+                "prefix_cache_hits": r.stats.prefix_cache_hits,
+                "prefix_cache_hit_rate": (round(r.stats.prefix_cache_hits / r.stats.prefix_cache_queries, 4)
+                                          if r.stats.prefix_cache_queries else None),
                 "lost": r.lost,
                 "restarts": r.restarts,
             }

@@ -87,6 +87,14 @@ class GatewayMetrics:
         self.kv_cache_usage_perc = Gauge(
             "tandem:kv_cache_usage_perc", "KV cache usage of the replica (1 = 100%).", ["replica"],
             registry=r)
+        self.prefix_cache_queries = Counter(
+            "tandem:prefix_cache_queries", "Tokens looked up in the replica's prefix cache when "
+            "requests were admitted (hit rate = hits / queries).", ["replica"], registry=r)
+        self.prefix_cache_hits = Counter(
+            "tandem:prefix_cache_hits", "Tokens found in the replica's prefix cache at admission: "
+            "their KV was reused, not computed.", ["replica"], registry=r)
+        self._prefix_seen: dict[str, tuple[int, int]] = {}
+        """Replica -> its (queries, hits) totals at the last refresh: the counters add the rest."""
 
     def observe_iterations(self, replica_id: str, iterations: list[IterationStats]) -> None:
         """Per-iteration batch composition and step time, as the replica measured them."""
@@ -120,6 +128,13 @@ class GatewayMetrics:
         self.num_requests_running.labels(replica=replica_id).set(stats.num_running)
         self.num_requests_waiting.labels(replica=replica_id).set(stats.num_waiting)
         self.kv_cache_usage_perc.labels(replica=replica_id).set(stats.kv_cache_usage)
+        queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits
+        seen_q, seen_h = self._prefix_seen.get(replica_id, (0, 0))
+        if queries < seen_q or hits < seen_h:   # a restarted replica counts from zero again
+            seen_q = seen_h = 0
+        self.prefix_cache_queries.labels(replica=replica_id).inc(queries - seen_q)
+        self.prefix_cache_hits.labels(replica=replica_id).inc(hits - seen_h)
+        self._prefix_seen[replica_id] = (queries, hits)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

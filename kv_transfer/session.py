@@ -102,6 +102,8 @@ class _Transfer:
     num_tokens: int = 0
     seq: int = 0
     covered: int = 0
+    first_writable: int = 0
+    """Receiver: tokens before this one are cached here (shared blocks): never written."""
     t_first: float | None = None
     codec: str | None = None
     """Receiver: the codec of the KV frames so far (from their headers)."""
@@ -129,17 +131,23 @@ class KVReceiver:
         self._codecs: dict[str, Codec] = {}
 
     def expect(self, transfer_id: str, request_id: str, dst_block_ids: list[int], num_tokens: int,
-               timeout_s: float | None = None) -> TransferState:
+               timeout_s: float | None = None, num_cached_tokens: int = 0) -> TransferState:
         """Blocks are allocated: accept this transfer's frames from now on (state WAITING).
-        `timeout_s` bounds the wait for the first frame and every gap between frames."""
+        `timeout_s` bounds the wait for the first frame and every gap between frames.
+        `num_cached_tokens` (a whole number of blocks): the first tokens are in this replica's
+        prefix cache already, in blocks other requests may share: the sender skips them, and a
+        frame writing any of them fails the transfer."""
         if transfer_id in self._active or transfer_id in self._finished:
             raise ValueError(f"transfer {transfer_id!r} is already known")
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        if not 0 <= num_cached_tokens < num_tokens:
+            raise ValueError(f"num_cached_tokens must be in [0, {num_tokens}), got {num_cached_tokens}")
         self._active[transfer_id] = _Transfer(
             transfer_id, request_id, TransferState.WAITING,
             self.default_timeout_s if timeout_s is None else timeout_s, time.monotonic(),
-            dst_block_ids=list(dst_block_ids), num_tokens=num_tokens)
+            dst_block_ids=list(dst_block_ids), num_tokens=num_tokens, covered=num_cached_tokens,
+            first_writable=num_cached_tokens)
         self.metrics.transfers_started += 1
         return TransferState.WAITING
 
@@ -254,8 +262,9 @@ class KVReceiver:
         blocks = h["blocks"]
         if not 0 <= l0 < l1 <= len(kv_caches):
             raise ValueError(f"layers [{l0}, {l1}) outside the {len(kv_caches)} of this cache")
-        if not 0 <= t0 < t1 <= t.num_tokens:
-            raise ValueError(f"tokens [{t0}, {t1}) outside the expected [0, {t.num_tokens})")
+        if not t.first_writable <= t0 < t1 <= t.num_tokens:
+            raise ValueError(f"tokens [{t0}, {t1}) outside the expected [{t.first_writable}, "
+                             f"{t.num_tokens})")
         b0, b1 = block_range(t0, t1, kv_caches[0].shape[2])
         allowed = t.dst_block_ids[b0:b1]
         start = allowed.index(blocks[0]) if blocks and blocks[0] in allowed else -1

@@ -1,10 +1,13 @@
 """Prefill node: the same EngineCore, stopping after the prompt and pushing KV as it is computed.
 
 Request life cycle on this node:
-1. a decode replica sends `AddRequest(kv_target=...)`: its request id, transfer id, KV address and
-   the block ids it reserved; we queue the prompt with max_tokens=1 (stall-free chunking, but the
-   traffic here is prefill only, so chunks fill the whole budget);
-2. after every step that computed a chunk of it, the KV of exactly those tokens goes out
+1. a decode replica sends `AddRequest(kv_target=...)`: its request id, transfer id, KV address,
+   the block ids it reserved and `skip_tokens`, the prompt's prefix it has cached already; we
+   queue the prompt with max_tokens=1 (stall-free chunking, but the traffic here is prefill only,
+   so chunks fill the whole budget). With prefix caching our own cached prefix is not computed
+   again: the prompt starts after it;
+2. after every step that computed a chunk of it, the KV of exactly those tokens (and, the first
+   time, of our cached prefix beyond `skip_tokens`) goes out
    (`KVSender.send_chunk`: a synchronous copy of the blocks, encode + send on a worker thread), so
    the transfer overlaps the next chunk's compute;
 3. when the prompt is done (the step samples one token) the last chunk and a "done" frame go out
@@ -43,6 +46,8 @@ class _Push:
     """With tp/pp: the KV address of each decode rank (rank i's shard goes to rank i)."""
     sent_upto: int = 0
     """Tokens whose KV has been handed to the sender."""
+    skip: int = 0
+    """Tokens the decode replica has cached already (its `skip_tokens`): never sent."""
     step_table: list[int] = field(default_factory=list)
     """The request's block table as the step computed into it (see `before_step`)."""
 
@@ -92,9 +97,11 @@ class PrefillServer(ReplicaServer):
                               request_id=target["request_id"])
             return []
         request = self.engine.scheduler.get(msg.request_id)
+        skip = int(target.get("skip_tokens", 0))
         self._pushes[msg.request_id] = _Push(request, tid, target["request_id"],
                                              list(target["dst_block_ids"]), sender,
-                                             target["decode_replica"], rank_addrs)
+                                             target["decode_replica"], rank_addrs, sent_upto=skip,
+                                             skip=skip)
         return []
 
     def handle_abort(self, msg: protocol.AbortRequests) -> list[protocol.RequestOutput]:
@@ -138,7 +145,7 @@ class PrefillServer(ReplicaServer):
             done = r.is_finished
             computed = r.num_prompt_tokens if done else r.num_computed_tokens
             if computed < push.sent_upto:   # preempted: it will be recomputed from the start
-                push.sent_upto = 0
+                push.sent_upto = push.skip
                 continue
             blocks = push.step_table if done else r.block_ids
             if computed > push.sent_upto:

@@ -9,6 +9,7 @@ No torch here: the simulator drives the same controllers.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -78,44 +79,98 @@ class FeedbackBudget:
             self._since_change = 0
 
 
-@dataclass
-class ProfileSample:
+@dataclass(frozen=True)
+class StepFeatures:
+    """What one step's time depends on, read from its chunks before `update` (a chunk's start is
+    then the number of tokens already cached for its request). Linear layers scale with tokens,
+    decode attention with the context it reads, prefill attention with p * (ctx + p/2) (every new
+    token attends to the cached prefix and, causally, to half the chunk), and the host pays a
+    little per sequence (its rows in the inputs, sampling, output)."""
+
     prefill_tokens: int
-    decode_tokens: int
-    context: int
-    """Tokens already in the cache of each sequence in the step."""
+    """Tokens of chunks that are not a single sampled decode token."""
+    decodes: int
+    """Requests computing their one next token."""
+    decode_context: int
+    """Sum over decodes of the tokens already cached (KV read per layer)."""
+    prefill_attention: float
+    """Sum over prefill chunks of p * (start + p / 2)."""
+    sequences: int
+    """Chunks in the step."""
+
+    @classmethod
+    def of(cls, chunks: Iterable) -> "StepFeatures":
+        """Features of a step's `ScheduledChunk`s (before `update`)."""
+        p = d = d_ctx = seqs = 0
+        attn = 0.0
+        for c in chunks:
+            n, start = c.num_tokens, c.start
+            seqs += 1
+            if n == 1 and c.samples:
+                d += 1
+                d_ctx += start
+            else:
+                p += n
+                attn += n * (start + n / 2)
+        return cls(p, d, d_ctx, attn, seqs)
+
+    @classmethod
+    def uniform(cls, prefill_tokens: int, decodes: int, context: int,
+                prefill_chunks: int = 1) -> "StepFeatures":
+        """`decodes` decodes and `prefill_tokens` split over `prefill_chunks` equal chunks, every
+        sequence with `context` tokens cached (the shape `tandem profile` times)."""
+        chunks = prefill_chunks if prefill_tokens else 0
+        per = prefill_tokens / chunks if chunks else 0.0
+        return cls(prefill_tokens, decodes, decodes * context,
+                   chunks * per * (context + per / 2), decodes + chunks)
+
+    def vector(self) -> list[float]:
+        return [1.0, self.prefill_tokens, self.decodes, self.decode_context,
+                self.prefill_attention, self.sequences]
+
+
+FEATURE_NAMES = ("1", "P", "D", "sum(decode ctx)", "sum(p*(ctx+p/2))", "seqs")
+
+
+@dataclass(frozen=True)
+class ProfileSample:
+    features: StepFeatures
     step_time: float
+    """Seconds of schedule + forward + sampling + update for this step."""
 
 
 class StepTimeModel:
-    """Least-squares step-time predictor over features that mirror the cost of a hybrid batch:
+    """Least-squares step-time predictor over `StepFeatures`:
 
-        t = c0 + c1*P + c2*D + c3*D*ctx + c4*P*ctx
+        t = c0 + c1*P + c2*D + c3*sum(decode ctx) + c4*sum(p*(ctx+p/2)) + c5*seqs
 
-    (P prefill tokens, D decode tokens, ctx tokens already cached per sequence: linear layers
-    scale with P + D, attention with the tokens read from the cache.)
+    fitted to profiled steps; the simulator's `profiled` cost model and the `profiled` budget both
+    read it.
     """
 
     def __init__(self, coef: list[float]) -> None:
+        if len(coef) != len(FEATURE_NAMES):
+            raise ValueError(f"a StepTimeModel has {len(FEATURE_NAMES)} coefficients "
+                             f"({', '.join(FEATURE_NAMES)}), got {len(coef)}")
         self.coef = list(coef)
-
-    @staticmethod
-    def _features(p: float, d: float, ctx: float) -> list[float]:
-        return [1.0, p, d, d * ctx, p * ctx]
 
     @classmethod
     def fit(cls, samples: list[ProfileSample]) -> "StepTimeModel":
-        if len(samples) < 5:
-            raise ValueError(f"need at least 5 profile samples to fit, got {len(samples)}")
-        x = np.array([cls._features(s.prefill_tokens, s.decode_tokens, s.context) for s in samples])
+        if len(samples) < len(FEATURE_NAMES):
+            raise ValueError(f"need at least {len(FEATURE_NAMES)} profile samples to fit, "
+                             f"got {len(samples)}")
+        x = np.array([s.features.vector() for s in samples])
         y = np.array([s.step_time for s in samples])
         # Minimise relative error: steps span 100x, and small ones matter as much as big ones.
         w = 1.0 / np.maximum(y, 1e-6)
         coef, *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
         return cls(coef.tolist())
 
-    def predict(self, prefill_tokens: float, decode_tokens: float, context: float) -> float:
-        return float(np.dot(self.coef, self._features(prefill_tokens, decode_tokens, context)))
+    def predict(self, features: StepFeatures) -> float:
+        return float(np.dot(self.coef, features.vector()))
+
+    def describe(self) -> str:
+        return " + ".join(f"{c:.3g}*{f}" for c, f in zip(self.coef, FEATURE_NAMES))
 
 
 def pick_budget(model: StepTimeModel, tbt_slo_s: float, decode_tokens: int, context: int,
@@ -127,14 +182,26 @@ def pick_budget(model: StepTimeModel, tbt_slo_s: float, decode_tokens: int, cont
         if budget < min_budget:
             continue
         prefill = max(0, budget - decode_tokens)
-        if model.predict(prefill, min(decode_tokens, budget), context) <= tbt_slo_s:
+        step = StepFeatures.uniform(prefill, min(decode_tokens, budget), context)
+        if model.predict(step) <= tbt_slo_s:
             best = budget
     return best
 
 
 def samples_to_json(samples: list[ProfileSample]) -> list[dict]:
-    return [asdict(s) for s in samples]
+    return [{**asdict(s.features), "step_time": s.step_time} for s in samples]
 
 
 def samples_from_json(rows: list[dict]) -> list[ProfileSample]:
-    return [ProfileSample(**r) for r in rows]
+    """Rows of a profile JSON. Profiles written before per-step features (prefill_tokens,
+    decode_tokens, context: one prefill chunk, every sequence at one context) still load."""
+    samples = []
+    for r in rows:
+        r = dict(r)
+        t = r.pop("step_time")
+        if "decode_tokens" in r:
+            f = StepFeatures.uniform(r["prefill_tokens"], r["decode_tokens"], r["context"])
+        else:
+            f = StepFeatures(**r)
+        samples.append(ProfileSample(f, t))
+    return samples

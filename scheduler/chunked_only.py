@@ -16,12 +16,12 @@ class ChunkedOnlyScheduler(Scheduler):
         self._last_was_prefill = False
 
     def _has_prefill_work(self) -> bool:
-        return bool(self.waiting) or any(r.num_uncomputed_tokens > 1 for r in self.running)
+        return bool(self.waiting) or any(r.num_uncomputed_tokens > 1 for r in self.ready())
 
-    def schedule(self, now: float) -> SchedulerOutput:
+    def plan(self, now: float) -> SchedulerOutput:
         budget = self.token_budget
         out = SchedulerOutput(chunks=[], token_budget=budget)
-        decoding = any(r.num_uncomputed_tokens == 1 for r in self.running)
+        decoding = any(r.num_uncomputed_tokens == 1 for r in self.ready())
         if self._has_prefill_work() and not (decoding and self._last_was_prefill):
             used = self.schedule_partial_prefills(out, 0, budget)
             self.admit_waiting(out, now, used, budget, chunked=True)

@@ -66,6 +66,12 @@ class SchedulerConfig:
     """Share of KV blocks kept free when admitting, so running requests can still grow."""
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     """How the token budget is chosen and adapted."""
+    enable_prefix_caching: bool = True
+    """Automatic prefix caching: KV blocks full of computed tokens stay cached (keyed by a hash of
+    the whole prefix up to their end) and are shared, refcounted, by later requests with the same
+    prefix, which then start with those tokens computed; unused cached blocks are evicted least
+    recently used first when memory is needed (scheduler/block_manager.py). Off: every request
+    computes its whole prompt."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -76,6 +82,8 @@ class SchedulerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark!r}")
         if self.policy in BUDGETED_WITH_DECODES and self.token_budget < self.max_num_seqs:

@@ -8,6 +8,14 @@ The replica loop is three calls and this module owns two of them:
 
 `update` is the only place tokens are appended and requests finish by EOS/length; `finish` ends a
 request from outside the step (client abort, stop string found by the detokenizer).
+
+Batches in flight: `schedule` records the batch's request ids in `in_flight` and `update` removes
+them, so an engine that keeps several batches going at once (pipeline stages; the simulator's
+`--pp`) may call `schedule` again before the earlier batches are updated. A request in flight is
+skipped by every building block -- its computed count is not advanced yet, so one more chunk for
+it would repeat work -- and is never a preemption victim, since a stage is writing its KV. An
+engine that alternates `schedule`/`update` has an empty `in_flight` at every `schedule`, and then
+all of this changes nothing.
 """
 from __future__ import annotations
 
@@ -67,19 +75,21 @@ class AdmissionError(ValueError):
 
 
 class Scheduler:
-    """Base class: a policy implements `schedule()`; everything else is shared."""
+    """Base class: a policy implements `plan()`; everything else is shared."""
 
     def __init__(self, config: SchedulerConfig, num_blocks: int,
                  budget: BudgetController | None = None) -> None:
         self.config = config
         self.budget = budget or StaticBudget(config.token_budget)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.watermark_blocks = int(config.watermark * num_blocks)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.remote_prefill: dict[str, Request] = {}
         """Decode side of disaggregation: requests holding blocks while their KV is pushed here."""
         self._by_id: dict[str, Request] = {}
+        self.in_flight: set[str] = set()
+        """Ids of the requests in a batch that `schedule` returned and `update` has not seen yet."""
         self.num_preemptions = 0
 
     @property
@@ -124,16 +134,21 @@ class Scheduler:
         FCFS: the reservation may only use what the waiting queue does not need -- a batch slot
         and the prompt blocks of every waiting request stay free for them -- so it never delays a
         request that came earlier. Returns False (nothing changed) when that leaves no room; the
-        caller then queues it, FCFS, for a local prefill with `add_request`.
+        caller then queues it, FCFS, for a local prefill with `add_request`. With prefix caching
+        the request shares the blocks of its cached prefix, and `num_computed_tokens` says how
+        many tokens those hold: their KV must not be pushed (nobody may write a shared block).
         """
         self._validate(request)
         if self.num_seqs_reserved + len(self.waiting) >= self.config.max_num_seqs:
             return False
         keep_free = self.watermark_blocks if self.running or self.waiting else 0
         keep_free += sum(self.block_manager.num_new_blocks(r, r.num_tokens) for r in self.waiting)
-        if not self.block_manager.can_allocate(request, request.num_tokens, reserve=keep_free):
+        reuse = self._reuses_cache(request)
+        if not self.block_manager.can_allocate(request, request.num_tokens, reserve=keep_free,
+                                               reuse=reuse):
             return False
-        self.block_manager.allocate(request, request.num_tokens)
+        # The cached prefix counts as computed: the prefill replica sends only the rest.
+        request.num_computed_tokens = self.block_manager.allocate(request, request.num_tokens, reuse=reuse)
         self._by_id[request.request_id] = request
         self.remote_prefill[request.request_id] = request
         return True
@@ -171,6 +186,23 @@ class Scheduler:
         self.waiting.appendleft(request)
         return True
 
+    def add_cached(self, request: Request, num_cached_tokens: int, now: float = 0.0) -> None:
+        """Join the running batch with the first `num_cached_tokens` tokens counted as already in
+        the KV cache (their blocks are allocated, not computed). `tandem profile` builds steps of
+        a chosen shape this way: decodes at a given context, prefill chunks after a given prefix."""
+        self._validate(request)
+        if not 0 <= num_cached_tokens < request.num_tokens:
+            raise ValueError(f"num_cached_tokens must be in [0, {request.num_tokens}), "
+                             f"got {num_cached_tokens}")
+        if not self.block_manager.can_allocate(request, request.num_tokens):
+            raise AdmissionError(f"no room for {request.num_tokens} tokens of {request.request_id!r}")
+        self.block_manager.allocate(request, request.num_tokens)
+        request.num_computed_tokens = num_cached_tokens
+        request.status = RequestStatus.RUNNING
+        request.first_scheduled_time = now
+        self._by_id[request.request_id] = request
+        self.running.append(request)
+
     def get(self, request_id: str) -> Request | None:
         return self._by_id.get(request_id)
 
@@ -187,6 +219,8 @@ class Scheduler:
         request = self._by_id.get(request_id)
         if request is None:
             return None
+        # In flight: the batch's later `update` skips it (finished), so this is its only release.
+        self.in_flight.discard(request_id)
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif self.remote_prefill.pop(request_id, None) is None:
@@ -201,17 +235,31 @@ class Scheduler:
         del self._by_id[request.request_id]
 
     # -- policy helpers ---------------------------------------------------------------------
+    def _reuses_cache(self, request: Request) -> bool:
+        """Whether admission may start `request` after its cached prefix: not when it asked for
+        prompt logprobs, which only a prefill of the whole prompt computes."""
+        return self.config.enable_prefix_caching and request.sampling.prompt_logprobs is None
+
+    def cached_tokens(self, request: Request) -> int:
+        """Tokens of a waiting `request` that `admit` would find in the prefix cache (and count as
+        computed); 0 with caching off."""
+        return self.block_manager.cached_tokens(request) if self._reuses_cache(request) else 0
+
     def admit(self, request: Request, now: float, reserve_tokens: int | None = None) -> bool:
         """Move `request` from waiting to running if blocks for `reserve_tokens` (default: its
-        current tokens) can be allocated while keeping the watermark free."""
+        current tokens) can be allocated while keeping the watermark free. Its cached prefix, if
+        any, is shared rather than allocated, and counts as computed."""
         if self.num_seqs_reserved >= self.config.max_num_seqs:
             return False
         tokens = request.num_tokens if reserve_tokens is None else reserve_tokens
         # With nothing running there is nobody to protect: the watermark would only block.
         keep_free = self.watermark_blocks if self.running else 0
-        if not self.block_manager.can_allocate(request, tokens, reserve=keep_free):
+        reuse = self._reuses_cache(request)
+        if not self.block_manager.can_allocate(request, tokens, reserve=keep_free, reuse=reuse):
             return False
-        self.block_manager.allocate(request, tokens)
+        cached = self.block_manager.allocate(request, tokens, reuse=reuse)
+        if cached:   # its cached prefix is computed already: chunks start after it
+            request.num_computed_tokens = cached
         self.waiting.remove(request)
         request.status = RequestStatus.RUNNING
         self.running.append(request)
@@ -220,17 +268,23 @@ class Scheduler:
         return True
 
     # -- building blocks the policies compose ------------------------------------------------
+    def ready(self) -> list[Request]:
+        """Running requests that may get a chunk now: all of them but those in flight."""
+        if not self.in_flight:
+            return list(self.running)
+        return [r for r in self.running if r.request_id not in self.in_flight]
+
     def schedule_decodes(self, out: SchedulerOutput) -> int:
         """Give every running request that is decoding its one token (preempting if a block
         cannot be appended). Returns the tokens scheduled."""
-        for request in [r for r in self.running if r.num_uncomputed_tokens == 1]:
+        for request in [r for r in self.ready() if r.num_uncomputed_tokens == 1]:
             if request in self.running and self.reserve_decode_slot(request, out):
                 out.chunks.append(ScheduledChunk(request, 1))
         return len(out.chunks)
 
     def schedule_partial_prefills(self, out: SchedulerOutput, used: int, limit: int) -> int:
         """Chunks for running requests whose prompt is partly computed, within `limit` tokens."""
-        for request in [r for r in self.running if r.num_uncomputed_tokens > 1]:
+        for request in [r for r in self.ready() if r.num_uncomputed_tokens > 1]:
             if used >= limit:
                 break
             n = min(request.num_uncomputed_tokens, limit - used)
@@ -245,12 +299,13 @@ class Scheduler:
         `chunked`: the last admitted prompt may be cut to the remaining tokens. Otherwise prompts
         go whole and must fit in `limit - used`, except that with `oversize_first` the first
         prompt of an iteration goes whole even past the limit (so long prompts are not starved).
-        No admissions in a step that had to preempt: memory is already short.
+        No admissions in a step that had to preempt: memory is already short. (Waiting requests
+        are never in flight: only running ones are scheduled, and preemption spares those.)
         """
         first = True
         while self.waiting and used < limit and not out.preempted_ids:
             request = self.waiting[0]
-            need = request.num_uncomputed_tokens
+            need = request.num_uncomputed_tokens - self.cached_tokens(request)
             if not chunked and need > limit - used and not (oversize_first and first):
                 break
             if not self.admit(request, now):
@@ -264,10 +319,15 @@ class Scheduler:
     def reserve_decode_slot(self, request: Request, out: SchedulerOutput) -> bool:
         """Make room for one more token of `request`, preempting the newest arrivals if needed.
 
-        Returns False when `request` itself had to be preempted.
+        Returns False when `request` itself had to be preempted, or when the next victim is in
+        flight: then `request` sits this batch out rather than preempt an older request in the
+        victim's place, and the victim is preemptable at the first `schedule` after its batch's
+        `update` (it is never in flight then), so the wait is bounded.
         """
         while not self.block_manager.can_allocate(request, request.num_tokens):
             victim = max(self.running, key=lambda r: r.arrival_time)
+            if victim.request_id in self.in_flight:
+                return False
             self.preempt(victim, out)
             if victim is request:
                 return False
@@ -286,7 +346,14 @@ class Scheduler:
         out.chunks = [c for c in out.chunks if c.request is not request]
         out.preempted_ids.append(request.request_id)
 
-    def schedule(self, now: float) -> SchedulerOutput:  # pragma: no cover - abstract
+    def schedule(self, now: float) -> SchedulerOutput:
+        """The next batch (the policy's `plan`); its requests are in flight until `update`."""
+        out = self.plan(now)
+        self.in_flight.update(c.request.request_id for c in out.chunks)
+        return out
+
+    def plan(self, now: float) -> SchedulerOutput:  # pragma: no cover - abstract
+        """The policy: build the next batch from the building blocks above."""
         raise NotImplementedError
 
     # -- the only place tokens are appended -------------------------------------------------
@@ -298,10 +365,12 @@ class Scheduler:
         updated: list[Request] = []
         for chunk in out.chunks:
             request = chunk.request
-            if request.is_finished:
+            if request.is_finished:   # ended while in flight: `finish` dropped it already
                 continue
+            self.in_flight.discard(request.request_id)
             reaches_end = chunk.samples
             request.num_computed_tokens += chunk.num_tokens
+            self.block_manager.cache_computed(request)   # their KV is written now
             if not reaches_end:
                 continue
             reason = request.append_token(sampled[request.request_id])
@@ -318,6 +387,8 @@ class Scheduler:
         self.block_manager.check_integrity(live)
         for r in self.waiting:
             assert not r.block_ids, f"waiting request {r.request_id} holds blocks"
+        running = {r.request_id for r in self.running}
+        assert self.in_flight <= running, f"in flight but not running: {self.in_flight - running}"
         for r in self.running:
             assert r.num_computed_tokens <= r.num_tokens
             assert len(r.block_ids) * self.block_manager.block_size >= r.num_computed_tokens

@@ -12,7 +12,7 @@ from scheduler.core import Scheduler, SchedulerOutput
 
 
 class HybridOnlyScheduler(Scheduler):
-    def schedule(self, now: float) -> SchedulerOutput:
+    def plan(self, now: float) -> SchedulerOutput:
         budget = self.token_budget
         out = SchedulerOutput(chunks=[], token_budget=budget)
         used = self.schedule_decodes(out)

@@ -9,7 +9,7 @@ from scheduler.core import Scheduler, SchedulerOutput
 
 
 class OrcaScheduler(Scheduler):
-    def schedule(self, now: float) -> SchedulerOutput:
+    def plan(self, now: float) -> SchedulerOutput:
         limit = self.config.max_batched_tokens
         out = SchedulerOutput(chunks=[], token_budget=limit)
         used = self.schedule_decodes(out)

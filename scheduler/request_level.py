@@ -10,7 +10,7 @@ from scheduler.core import ScheduledChunk, Scheduler, SchedulerOutput
 
 
 class RequestLevelScheduler(Scheduler):
-    def schedule(self, now: float) -> SchedulerOutput:
+    def plan(self, now: float) -> SchedulerOutput:
         limit = self.config.max_batched_tokens
         out = SchedulerOutput(chunks=[], token_budget=limit)
         if self.running:
@@ -19,7 +19,7 @@ class RequestLevelScheduler(Scheduler):
         used = 0
         while self.waiting:
             request = self.waiting[0]
-            need = request.num_uncomputed_tokens
+            need = request.num_uncomputed_tokens - self.cached_tokens(request)
             full = request.num_tokens + request.sampling.max_tokens - request.num_output_tokens
             if used + need > limit or not self.admit(request, now, reserve_tokens=full):
                 break

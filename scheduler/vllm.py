@@ -11,7 +11,7 @@ from scheduler.core import Scheduler, SchedulerOutput
 
 
 class VllmScheduler(Scheduler):
-    def schedule(self, now: float) -> SchedulerOutput:
+    def plan(self, now: float) -> SchedulerOutput:
         out = SchedulerOutput(chunks=[], token_budget=self.config.max_batched_tokens)
         self.admit_waiting(out, now, 0, self.config.max_batched_tokens, chunked=False)
         if out.chunks:

@@ -4,20 +4,38 @@ Events on one heap, ordered by (time, sequence number) so runs are deterministic
   - an arrival: the router (`gateway.routing.make_router`, over each replica's `ReplicaState`)
     places the request and `charge` counts it, exactly as the gateway's `ReplicaPool` does;
   - a step end on a replica: `update`, tokens recorded, then the replica starts its next step;
+    with pipeline stages (`replica.pp` > 1) this is a micro-batch leaving the last stage, and
+    another event frees stage 0 earlier, where the next micro-batch may start (up to pp in
+    flight; see sim/replica.py);
   - a KV landing on a decode replica (the last chunk of a remote prefill).
 
 Prefill/decode disaggregation follows the nodes (decode_node/server.py, prefill_node/server.py):
 the decode replica calls `add_remote_prefill` and prefills locally (`add_request`) if that returns
 False; otherwise the prefill replica runs the prompt with max_tokens=1 and, after each step that
 computed some of it, sends the KV of the new tokens (restarting from 0 if it was preempted);
-`remote_prefill_done` runs on the decode replica when the last chunk has landed. A chunk lands
-after the link's latency + bytes / bandwidth, behind the earlier chunks of the same transfer;
+`remote_prefill_done` runs on the decode replica when the last chunk has landed. A chunk takes
+the link's latency + bytes / bandwidth, behind the earlier chunks of the same transfer;
 bytes/token = 2 * layers * kv_heads * head_dim * dtype bytes * the codec's ratio. The gateway
 frees the prefill slot (`prefill_landed`) at the request's first token and `release`s it when it
 ends.
 
-Not modelled yet: pipeline parallelism, transfers of different requests sharing a node's NIC
-(each transfer gets the whole link), the gateway's own per-token delay, failures.
+Nodes (`Cluster(..., placement=...)`: the (node, GPU) of every rank of every replica). Without a
+placement every transfer gets the whole `KVLink.link` to itself (replicas on machines of their
+own). With one, KV goes rank i -> rank i as the nodes send it (a TP x PP replica's shard i: its
+share of the heads and layers, bytes / ranks): between GPUs of one node over `intra_link`
+(NVLink), each GPU's port its own; between nodes over `link` through the NICs, `nics_per_node`
+of them per node, GPU g on NIC g * nics // gpus_per_node (one NIC per node by default; a DGX
+A100 has 8 compute HCAs, one per GPU, so pass 8 for that). Shards that share a port pair go as
+one message. Every port direction (a NIC's egress, a NIC's ingress, a GPU's NVLink out or in) is a
+FIFO queue: a message starts when both its sender's egress and its receiver's ingress are free
+(the later of the two), and holds both for latency + bytes / bandwidth. Chunks are queued in the
+order the prefill steps emit them, so concurrent transfers' chunks interleave, which
+approximates fair sharing of a port (N transfers through one NIC each take ~N times as long).
+The queue is head-of-line blocking: a message waiting for a busy receiver also holds its
+sender's port, so this errs on the slow side when one sender feeds several busy receivers.
+
+Not modelled yet: pipeline activations and other traffic on the NICs (a stage's send gets its
+`pp_link` to itself), the gateway's own per-token delay, failures.
 """
 from __future__ import annotations
 
@@ -43,14 +61,30 @@ see `tandem serve --kv-codec`); int8/fp8 halve bf16 (per-block scales are neglig
 @dataclass(frozen=True)
 class KVLink:
     link: Link
-    """The link between prefill and decode replicas."""
+    """The link between prefill and decode replicas (with a placement: between nodes, per NIC)."""
     bytes_per_token: float
     """Raw KV bytes of one token (`ModelSpec.kv_bytes_per_token`)."""
     codec: str = "raw"
+    """Wire codec, a key of CODEC_RATIO."""
+    intra_link: Link | None = None
+    """With a placement: the link between GPUs of one node (the device's NVLink), per GPU and
+    direction; None: same-node transfers use `link` too."""
+    nics_per_node: int = 1
+    """With a placement: NICs per node, each with `link`'s bandwidth; GPU g of a node uses NIC
+    g * nics_per_node // gpus_per_node."""
+    gpus_per_node: int = 8
+    """With a placement: GPUs per node (maps GPUs to NICs)."""
 
     def __post_init__(self) -> None:
         if self.codec not in CODEC_RATIO:
             raise ValueError(f"unknown KV codec {self.codec!r}; known: {sorted(CODEC_RATIO)}")
+        if not 1 <= self.nics_per_node <= self.gpus_per_node:
+            raise ValueError(f"nics_per_node must be in 1..gpus_per_node ({self.gpus_per_node}), "
+                             f"got {self.nics_per_node}")
+
+    def nic(self, gpu: int) -> int:
+        """The NIC GPU `gpu` of a node sends and receives through."""
+        return gpu * self.nics_per_node // self.gpus_per_node
 
     def wire_bytes(self, tokens: int) -> float:
         return tokens * self.bytes_per_token * CODEC_RATIO[self.codec]
@@ -85,6 +119,8 @@ class _Push:
     target: SimReplica
     sent_upto: int = 0
     last_land: float = 0.0
+    source: SimReplica | None = None
+    """The prefill replica computing the prompt."""
 
 
 @dataclass
@@ -107,21 +143,42 @@ class SimResult:
         return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
+Rank = tuple[int, int]
+"""(node, GPU index on the node) of one rank of a replica."""
+
+
 class Cluster:
-    """Replicas, a router and (for pd) the KV link between prefill and decode replicas."""
+    """Replicas, a router and (for pd) the KV link between prefill and decode replicas.
+
+    `placement`, optional: per replica (same order), the `Rank` of each of its ranks in rank order
+    (stage, tp_rank); each replica's `node` is then its first rank's node (else 0). See the
+    module doc for what it changes."""
 
     def __init__(self, replicas: Sequence[SimReplica], routing: str = "round_robin",
                  offload_threshold: int = 512, kv_link: KVLink | None = None,
-                 model_name: str = "sim") -> None:
+                 model_name: str = "sim",
+                 placement: Sequence[Sequence[Rank]] | None = None,
+                 token_delay_s: float = 0.0) -> None:
         if not replicas:
             raise ValueError("a cluster needs at least one replica")
         if any(r.role == "prefill" for r in replicas) and kv_link is None:
             raise ValueError("prefill replicas need a kv_link")
         self.replicas = list(replicas)
+        self._ranks: dict[SimReplica, tuple[Rank, ...]] | None = None
+        if placement is not None:
+            self._ranks = _check_placement(self.replicas, placement)
+        for r in self.replicas:
+            r.node = self._ranks[r][0][0] if self._ranks else 0
+        self._port_free: dict[tuple, float] = {}
         self.router = make_router(routing, offload_threshold)
         self.routing = routing
         self.kv_link = kv_link
         self.model_name = model_name
+        if token_delay_s < 0:
+            raise ValueError(f"token_delay_s must be >= 0, got {token_delay_s}")
+        self.token_delay_s = token_delay_s
+        """Gateway's per-token delay: from a replica's step end to the client (framing, ZeroMQ,
+        the gateway, HTTP); shifts TTFT and end-to-end latency, not the gaps between tokens."""
         self._heap: list = []
         self._seq = itertools.count()
         self._tracked: dict[int, _Tracked] = {}
@@ -140,10 +197,16 @@ class Cluster:
         self._kick(replica, now)
 
     def _kick(self, replica: SimReplica, now: float) -> None:
-        if replica.idle:
+        """Schedule a batch on `replica` if stage 0 is free and a micro-batch slot is open."""
+        if replica.can_start(now):
             step = replica.start_step(now)
             if step is not None:
-                self._at(step.start + step.dt, self._step_end, replica)
+                self._at(step.end, self._step_end, replica)
+                if replica.pp > 1:   # stage 0 frees before the batch leaves: room for the next
+                    self._at(step.stage_ends[0], self._stage0_free, replica)
+
+    def _stage0_free(self, now: float, replica: SimReplica) -> None:
+        self._kick(replica, now)
 
     # -- arrivals and routing -----------------------------------------------------------------
     def _arrive(self, now: float, index: int, prompt: int, output: int) -> None:
@@ -186,7 +249,7 @@ class Cluster:
             # the node answers with an abort frame: the decode replica recomputes the prompt
             self._send(tr.replica, lambda t: tr.replica.sched.remote_prefill_failed(str(tr.index)), now)
             return
-        self._pushes[prefill][rid] = _Push(tr.index, request, tr.replica, last_land=now)
+        self._pushes[prefill][rid] = _Push(tr.index, request, tr.replica, last_land=now, source=prefill)
 
     def _fail(self, tr: _Tracked, error: str) -> None:
         tr.error = error
@@ -195,6 +258,8 @@ class Cluster:
 
     # -- steps --------------------------------------------------------------------------------
     def _step_end(self, now: float, replica: SimReplica) -> None:
+        """The oldest batch in flight on `replica` leaves its last stage (single stage: the step
+        ends): update, tokens, KV pushes of a prefill replica, then maybe the next batch."""
         for request in replica.finish_step():
             rid = request.request_id
             if rid.endswith(PREFILL_SUFFIX):
@@ -223,11 +288,34 @@ class Cluster:
             if computed > push.sent_upto:
                 n = computed - push.sent_upto
                 self.kv_bytes += self.kv_link.wire_bytes(n)
-                push.last_land = max(now, push.last_land) + self.kv_link.transfer_time(n)
+                push.last_land = self._transfer(now, push, n)
                 push.sent_upto = computed
             if done:
                 del pushes[rid]
                 self._at(push.last_land, self._landed, push)
+
+    def _transfer(self, now: float, push: _Push, tokens: int) -> float:
+        """Queue the KV of `tokens` more prompt tokens of `push`; returns when all of it landed."""
+        kv = self.kv_link
+        if self._ranks is None:
+            return max(now, push.last_land) + kv.transfer_time(tokens)
+        src, dst = self._ranks[push.source], self._ranks[push.target]
+        share = kv.wire_bytes(tokens) / len(src)
+        messages: dict[tuple, float] = {}
+        for (s_node, s_gpu), (d_node, d_gpu) in zip(src, dst):
+            if s_node == d_node:
+                key = (("gpu-out", s_node, s_gpu), ("gpu-in", d_node, d_gpu), kv.intra_link or kv.link)
+            else:
+                key = (("nic-out", s_node, kv.nic(s_gpu)), ("nic-in", d_node, kv.nic(d_gpu)), kv.link)
+            messages[key] = messages.get(key, 0.0) + share
+        land = push.last_land
+        for (out, into, link), size in messages.items():
+            start = max(now, push.last_land, self._port_free.get(out, 0.0),
+                        self._port_free.get(into, 0.0))
+            end = self._port_free[out] = self._port_free[into] = \
+                start + (link.latency_s + size / link.bandwidth)   # as KVLink.transfer_time sums
+            land = max(land, end)
+        return land
 
     def _landed(self, now: float, push: _Push) -> None:
         rid = str(push.index)
@@ -263,9 +351,9 @@ class Cluster:
                 rr.error = f"unfinished: {len(times)}/{tr.output} tokens"
                 continue
             rr.status, rr.usage_reported = 200, True
-            rr.ttft_s = times[0] - tr.arrival
+            rr.ttft_s = times[0] + self.token_delay_s - tr.arrival
             rr.itl_s = [b - a for a, b in zip(times, times[1:])]
-            rr.e2e_s = times[-1] - tr.arrival
+            rr.e2e_s = times[-1] + self.token_delay_s - tr.arrival
             rr.output_tokens = rr.num_chunks = len(times)
             rr.server_prompt_tokens = tr.prompt
             pre = tr.prefill_request
@@ -288,3 +376,26 @@ class Cluster:
             assert (s.outstanding, s.outstanding_tokens, s.prefill_queue) == (0, 0, 0), \
                 f"{r.replica_id}: router counters {s.outstanding}, {s.outstanding_tokens}, {s.prefill_queue}"
         assert not any(self._pushes.values()), "KV pushes left"
+
+
+def _check_placement(replicas: list[SimReplica],
+                     placement: Sequence[Sequence[Rank]]) -> dict[SimReplica, tuple[Rank, ...]]:
+    """Per replica, its ranks; ValueError names the replica when the placement is inconsistent."""
+    if len(placement) != len(replicas):
+        raise ValueError(f"placement has {len(placement)} entries for {len(replicas)} replicas")
+    ranks = {r: tuple((int(n), int(g)) for n, g in p) for r, p in zip(replicas, placement)}
+    owner: dict[Rank, str] = {}
+    for r, rs in ranks.items():
+        if not rs:
+            raise ValueError(f"replica {r.replica_id} has no ranks in the placement")
+        for rank in rs:
+            if rank in owner:
+                raise ValueError(f"GPU {rank} is given to both {owner[rank]} and {r.replica_id}")
+            owner[rank] = r.replica_id
+    # rank i pushes to rank i, so every prefill and decode replica needs as many ranks (the
+    # deployment spec's rule: equal tp and pp)
+    kv = {len(rs) for r, rs in ranks.items() if r.role in ("prefill", "decode")}
+    if len(kv) > 1:
+        raise ValueError(f"prefill and decode replicas must have as many ranks (KV goes rank i -> "
+                         f"rank i), got {sorted(kv)}")
+    return ranks

@@ -1,12 +1,13 @@
 """Step-time cost models: how long one engine step running a `SchedulerOutput` takes.
 
 One interface, `CostModel.step_time(out) -> seconds`, read *before* `scheduler.update(out, ...)`
-(a chunk's `start` is then still the number of tokens cached before it). Two models:
+(a chunk's `start` is then still the number of tokens cached before it), and for pipeline
+parallelism `pp` (stages) with `stage_times(out)`: how long each stage is busy with that batch
+(`step_time` is then the batch's latency through all of them). Two models:
 
-`ProfiledCost` wraps the `scheduler.budget.StepTimeModel` fitted from a `tandem profile` JSON:
-    t = c0 + c1*P + c2*D + c3*sum(decode ctx) + c4*sum(p * start over prefill chunks)
-which is the fitted model's own formula with each sequence's context used instead of one context
-per batch (the profile times steps whose sequences share one context, so both agree there).
+`ProfiledCost` is the `scheduler.budget.StepTimeModel` fitted from a `tandem profile` JSON,
+evaluated on the step's own `StepFeatures` (prefill tokens, decodes, sum of decode contexts,
+sum of p * (ctx + p/2) over prefill chunks, sequences): the features the profile was fitted on.
 
 `RooflineCost` is a per-layer roofline for a Llama-style decoder on a GPU (`sim/specs.py`):
   - GEMMs: max(2 * params * tokens / (peak * E_GEMM), (weight + activation bytes) / (bw * E_MEM));
@@ -15,13 +16,19 @@ per batch (the profile times steps whose sequences share one context, so both ag
   - the LM head for the rows that sample (one per chunk that reaches the end of its request);
   - TP over n GPUs: every matrix, head and KV head is split n ways (KV heads by whole GQA groups,
     the most loaded rank sets the pace), plus 2 all-reduces of tokens * hidden per layer:
-    ring 2(n-1)/n * S / (link bw * E_LINK) + the link's latency;
+    ring 2(n-1)/n * S / (link bw * E_LINK) + 2(n-1) x the link's latency (one per ring step);
   - host time: HOST_STEP_S per step + HOST_SEQ_S per sequence (Python scheduling, input
-    preparation, sampling, output framing; not overlapped with the GPU, as in this engine).
+    preparation, sampling, output framing; not overlapped with the GPU, as in this engine);
+  - PP over `pp` stages of `tp` GPUs each: layers split evenly (`stage_layers`: the remainder
+    goes to the first stages); host time once per micro-batch, before stage 0 (it is counted in
+    stage 0's time); the LM head on the last stage; every other stage then sends the batch's
+    activations (tokens * hidden * dtype bytes) to the next over `pp_link`: latency +
+    bytes / bandwidth. That is the whole activation crossing the link once (Megatron's
+    scatter/gather split: each TP rank sends 1/tp of it; the re-gather over NVLink is ignored).
 
-Limits: no kernel-launch or wave-quantisation effects, no pipeline parallelism yet (one stage),
-no overlap of communication with compute, the same efficiencies at every shape. The efficiency
-factors below are a priori estimates with their reasons, not fitted to any result.
+Limits: no kernel-launch or wave-quantisation effects, no overlap of communication with compute
+(the activation send included), the same efficiencies at every shape. The efficiency factors
+below are a priori estimates with their reasons, not fitted to any result.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from pathlib import Path
 from typing import Protocol
 
 from engine.model_config import DTYPE_BYTES
-from scheduler.budget import ProfileSample, StepTimeModel, samples_from_json
+from scheduler.budget import ProfileSample, StepFeatures, StepTimeModel, samples_from_json
 from scheduler.core import SchedulerOutput
 from sim.specs import Device, Link, ModelSpec, get_link
 
@@ -54,18 +61,30 @@ HOST_SEQ_S = 10e-6
 
 
 class CostModel(Protocol):
+    pp: int
+    """Pipeline stages (1: the whole model in one step). Models without it are single-stage."""
+
     def step_time(self, out: SchedulerOutput) -> float:
-        """Seconds the step running `out` takes (called before `update`)."""
+        """Seconds the step running `out` takes (called before `update`); with stages, the
+        batch's latency through all of them."""
+
+    def stage_times(self, out: SchedulerOutput) -> list[float]:
+        """Seconds each of the `pp` stages is busy with the batch `out` (its send included)."""
+
+
+def stage_layers(num_layers: int, pp: int) -> list[int]:
+    """Layers per pipeline stage: an even split, the remainder to the first stages."""
+    if not 1 <= pp <= num_layers:
+        raise ValueError(f"pp must be between 1 and the model's {num_layers} layers, got {pp}")
+    base, extra = divmod(num_layers, pp)
+    return [base + (s < extra) for s in range(pp)]
 
 
 class ProfiledCost:
     """A `StepTimeModel` (from `tandem profile`) as a cost model."""
 
     def __init__(self, model: StepTimeModel) -> None:
-        if len(model.coef) != 5:
-            raise ValueError(f"expected a 5-coefficient StepTimeModel, got {len(model.coef)}")
         self.model = model
-        self.coef = tuple(model.coef)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ProfiledCost":
@@ -74,35 +93,31 @@ class ProfiledCost:
         return cls(StepTimeModel.fit(samples_from_json(rows)))
 
     def step_time(self, out: SchedulerOutput) -> float:
-        c0, c1, c2, c3, c4 = self.coef
-        p = d = 0
-        d_ctx = p_ctx = 0.0
-        for c in out.chunks:
-            n = c.num_tokens
-            start = c.request.num_computed_tokens
-            if n == 1 and c.samples:
-                d += 1
-                d_ctx += start
-            else:
-                p += n
-                p_ctx += n * start
-        return max(0.0, c0 + c1 * p + c2 * d + c3 * d_ctx + c4 * p_ctx)
+        return max(0.0, self.model.predict(StepFeatures.of(out.chunks)))
 
     def step_model(self) -> StepTimeModel:
         return self.model
 
+    def stage_times(self, out: SchedulerOutput) -> list[float]:
+        return [self.step_time(out)]
+
 
 class RooflineCost:
-    """Per-layer roofline of one replica (TP over `tp` GPUs of `device`); see the module doc."""
+    """Per-layer roofline of one replica (TP over `tp` GPUs of `device`, in `pp` pipeline stages
+    joined by `pp_link`); see the module doc."""
 
     def __init__(self, model: ModelSpec, device: Device, tp: int = 1, dtype: str = "bfloat16",
                  tp_link: Link | None = None, host_step_s: float = HOST_STEP_S,
                  host_seq_s: float = HOST_SEQ_S, e_gemm: float = E_GEMM, e_attn: float = E_ATTN,
-                 e_mem: float = E_MEM, e_link: float = E_LINK) -> None:
+                 e_mem: float = E_MEM, e_link: float = E_LINK, pp: int = 1,
+                 pp_link: Link | None = None) -> None:
         if tp < 1:
             raise ValueError(f"tp must be >= 1, got {tp}")
         self.model, self.device, self.tp, self.dtype = model, device, tp, dtype
         self.link = tp_link or get_link(device.intra_link)
+        self.pp = pp
+        self.stage_layers = stage_layers(model.num_layers, pp)
+        self.pp_link = pp_link or get_link(device.intra_link)
         self.host_step_s, self.host_seq_s = host_step_s, host_seq_s
         self.e_gemm, self.e_attn, self.e_mem, self.e_link = e_gemm, e_attn, e_mem, e_link
         b = DTYPE_BYTES[dtype]
@@ -123,6 +138,7 @@ class RooflineCost:
         self._ar_bytes_per_token = m.hidden_size * b
         self._lm_params = m.lm_head_params / tp
         self._lm_bytes = m.lm_head_params * b / tp
+        self._send_bytes_per_token = m.hidden_size * b
 
     # -- the pure formula (tests and the budget fit call it directly) ----------------------------
     def layer_time(self, tokens: int, attn_units: float, kv_read_tokens: float) -> float:
@@ -138,7 +154,10 @@ class RooflineCost:
         if n == 1 or tokens == 0:
             return 0.0
         size = self._ar_bytes_per_token * tokens
-        return 2 * (n - 1) / n * size / (self.link.bandwidth * self.e_link) + self.link.latency_s
+        # ring all-reduce (reduce-scatter + all-gather): 2(n-1) steps, each a send of S/n bytes
+        # that pays the link's latency once
+        return (2 * (n - 1) / n * size / (self.link.bandwidth * self.e_link)
+                + 2 * (n - 1) * self.link.latency_s)
 
     def lm_head_time(self, sampled_rows: int) -> float:
         if not sampled_rows:
@@ -146,14 +165,37 @@ class RooflineCost:
         return max(2 * self._lm_params * sampled_rows / (self._flops * self.e_gemm),
                    self._lm_bytes / (self._bw * self.e_mem))
 
+    def send_time(self, tokens: int) -> float:
+        """One stage handing `tokens` rows of activations to the next over `pp_link`."""
+        return (self.pp_link.latency_s
+                + self._send_bytes_per_token * tokens / self.pp_link.bandwidth)
+
     def time(self, tokens: int, sampled_rows: int, attn_units: float, kv_read_tokens: float,
              num_seqs: int) -> float:
+        """A batch's latency through the model (through every stage, without waiting)."""
         if tokens == 0:
             return 0.0
+        if self.pp > 1:
+            return sum(self.stages(tokens, sampled_rows, attn_units, kv_read_tokens, num_seqs))
         return (self.model.num_layers * self.layer_time(tokens, attn_units, kv_read_tokens)
                 + self.lm_head_time(sampled_rows) + self.host_step_s + self.host_seq_s * num_seqs)
 
-    def step_time(self, out: SchedulerOutput) -> float:
+    def stages(self, tokens: int, sampled_rows: int, attn_units: float, kv_read_tokens: float,
+               num_seqs: int) -> list[float]:
+        """Busy time of each stage: its layers; stage 0 the host time before them, the last the
+        LM head, every other one the send to the next stage."""
+        if tokens == 0:
+            return [0.0] * self.pp
+        if self.pp == 1:
+            return [self.time(tokens, sampled_rows, attn_units, kv_read_tokens, num_seqs)]
+        layer = self.layer_time(tokens, attn_units, kv_read_tokens)
+        last = self.pp - 1
+        times = [n * layer + (self.lm_head_time(sampled_rows) if s == last else self.send_time(tokens))
+                 for s, n in enumerate(self.stage_layers)]
+        times[0] += self.host_step_s + self.host_seq_s * num_seqs
+        return times
+
+    def _features(self, out: SchedulerOutput) -> tuple[int, int, float, float, int]:
         tokens = sampled = 0
         attn_units = kv_read = 0.0
         for c in out.chunks:
@@ -163,7 +205,13 @@ class RooflineCost:
             sampled += c.start + n == c.request.num_tokens
             attn_units += n * (start + n / 2)
             kv_read += start + n
-        return self.time(tokens, sampled, attn_units, kv_read, len(out.chunks))
+        return tokens, sampled, attn_units, kv_read, len(out.chunks)
+
+    def step_time(self, out: SchedulerOutput) -> float:
+        return self.time(*self._features(out))
+
+    def stage_times(self, out: SchedulerOutput) -> list[float]:
+        return self.stages(*self._features(out))
 
     # -- convenience --------------------------------------------------------------------------
     def decode_step_time(self, batch: int, context: int) -> float:
@@ -186,5 +234,5 @@ class RooflineCost:
                 for p in (0, 32, 128, 256, 512, 1024, 2048):
                     if p + d:
                         t = self.prefill_step_time(p, ctx, d, ctx) if p else self.decode_step_time(d, ctx)
-                        samples.append(ProfileSample(p, d, ctx, t))
+                        samples.append(ProfileSample(StepFeatures.uniform(p, d, ctx), t))
         return StepTimeModel.fit(samples)

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from bench.workload import (
-    PROMPT_WORDS, CsvTrace, PromptBuilder, Workload, WorkloadConfig, build_workload,
-    constant_arrivals, gamma_arrivals, lognormal_lengths, poisson_arrivals, uniform_lengths,
-    zipf_lengths, zipf_theta_for_mean,
+    ARXIV_MAX_PROMPT, ARXIV_MAX_TOTAL, ARXIV_OUTPUT_QUANTILES, ARXIV_PAPER_MAX_TOTAL,
+    ARXIV_QUANTILE_LEVELS, PROMPT_WORDS, CsvTrace, PromptBuilder, Workload, WorkloadConfig,
+    arxiv_lengths, arxiv_paper_lengths, build_workload, constant_arrivals, gamma_arrivals,
+    lognormal_lengths, poisson_arrivals, uniform_lengths, zipf_lengths, zipf_theta_for_mean,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -174,3 +175,88 @@ def test_prompt_builder():
 
 def test_workload_offered_qps_empty():
     assert Workload([]).offered_qps is None
+
+
+# ---- synthetic arXiv-summarization lengths -------------------------------------------------------
+
+ARXIV_TRACE = (Path(__file__).resolve().parents[2] / "shared" / "traces"
+               / "arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv")
+ARXIV_4K_STATED = {"prompt": {50: 2730, 90: 3702}, "output": {50: 167, 90: 372}}
+"""The 4k-filtered trace's statistics as the traces README states them."""
+ARXIV_PAPER_STATED = {"prompt": {50: 7059, 90: 12985}, "output": {50: 208, 90: 371}}
+"""The paper's arXiv statistics that `arxiv-paper` is built to (bench/workload.py)."""
+
+
+def _quantile_misses(prompts, outputs, stated: dict, rel: float) -> list[str]:
+    """The stated quantiles the samples miss by more than `rel` (relative)."""
+    misses = []
+    for name, x in (("prompt", prompts), ("output", outputs)):
+        for q, want in stated[name].items():
+            got = float(np.percentile(x, q))
+            if abs(got - want) > rel * want:
+                misses.append(f"{name} p{q}: {got:.0f}, stated {want}")
+    return misses
+
+
+def _lengths_of(dist: str, n: int = 20000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    wl = build_workload(WorkloadConfig(num_requests=n, seed=seed, length_dist=dist), qps=1.0)
+    return (np.array([r.prompt_tokens for r in wl]), np.array([r.output_tokens for r in wl]))
+
+
+def test_arxiv_lengths_match_the_trace_statistics():
+    p, o = _lengths_of("arxiv")
+    assert _quantile_misses(p, o, ARXIV_4K_STATED, 0.02) == []
+    assert p.min() >= 1 and o.min() >= 1
+    assert 4000 <= p.max() <= ARXIV_MAX_PROMPT and (p + o).max() <= ARXIV_MAX_TOTAL
+    # the trace's filter makes long outputs come with short prompts (Pearson -0.46 in the file)
+    assert np.corrcoef(p, o)[0, 1] == pytest.approx(-0.46, abs=0.05)
+    assert np.median(p[o > 1000]) < 0.5 * np.median(p)
+    # the check can fail: lognormals with the trace's means, or the paper's lengths, miss it
+    rng = np.random.default_rng(0)
+    ln_p, ln_o = lognormal_lengths(20000, 2588, 0.5, rng), lognormal_lengths(20000, 291, 0.5, rng)
+    assert len(_quantile_misses(ln_p, ln_o, ARXIV_4K_STATED, 0.02)) >= 2
+    # (3 of 4: the two workloads' output p90s agree)
+    assert len(_quantile_misses(*_lengths_of("arxiv-paper"), ARXIV_4K_STATED, 0.02)) == 3
+
+
+def test_arxiv_paper_lengths_match_the_stated_statistics():
+    p, o = _lengths_of("arxiv-paper")
+    assert _quantile_misses(p, o, ARXIV_PAPER_STATED, 0.03) == []
+    assert p.min() >= 1 and (p + o).max() <= ARXIV_PAPER_MAX_TOTAL
+    assert len(_quantile_misses(*_lengths_of("arxiv"), ARXIV_PAPER_STATED, 0.03)) == 3  # p90 outputs agree
+
+
+@pytest.mark.parametrize("dist", ["arxiv", "arxiv-paper"])
+def test_arxiv_lengths_deterministic(dist):
+    assert _lengths_of(dist, 300, seed=4)[0].tolist() == _lengths_of(dist, 300, seed=4)[0].tolist()
+    assert _lengths_of(dist, 300, seed=4)[0].tolist() != _lengths_of(dist, 300, seed=5)[0].tolist()
+    cfg = WorkloadConfig(num_requests=50, seed=2, length_dist=dist)
+    a, b = build_workload(cfg, 1.0), build_workload(cfg, 3.0)
+    assert [(r.prompt_tokens, r.output_tokens) for r in a] == [(r.prompt_tokens, r.output_tokens) for r in b]
+    # the arrays themselves (no workload wrapper) follow the same rng
+    p, o = (arxiv_lengths if dist == "arxiv" else arxiv_paper_lengths)(10, np.random.default_rng(1))
+    assert len(p) == len(o) == 10 and p.dtype == o.dtype == np.int64
+
+
+@pytest.mark.skipif(not ARXIV_TRACE.is_file(), reason="shared traces not beside this checkout")
+def test_arxiv_lengths_against_the_trace_file():
+    """The constants' stated source: the file's own statistics, and the generator's quantiles
+    against the file's over the whole range."""
+    trace = CsvTrace.load(ARXIV_TRACE)
+    tp, to = trace.prompt_tokens, trace.output_tokens
+    assert (len(trace), int(np.median(tp)), int(np.percentile(tp, 90)), int(tp.max())) == (
+        28257, 2730, 3702, 4054)
+    assert (int(np.median(to)), int(np.percentile(to, 90)), int((tp + to).max())) == (167, 372, 4096)
+    levels = np.array(ARXIV_QUANTILE_LEVELS) * 100
+    assert list(ARXIV_OUTPUT_QUANTILES) == np.rint(np.percentile(to, levels)).tolist()
+    p, o = _lengths_of("arxiv", 40000)
+    for q in (5, 10, 25, 50, 75, 90):
+        assert np.percentile(p, q) == pytest.approx(np.percentile(tp, q), rel=0.04), f"prompt p{q}"
+        assert np.percentile(o, q) == pytest.approx(np.percentile(to, q), rel=0.04, abs=3), f"output p{q}"
+    # in the sparse tails a value's quantile is steadier than a quantile's value (the output's
+    # p95-p97 spans 736..2200 tokens): compare the share of samples below the file's quantiles
+    for q in (1, 5, 10, 50, 90, 95, 97, 99):
+        for name, x, ref in (("prompt", p, tp), ("output", o, to)):
+            share = float(np.mean(x <= np.percentile(ref, q)))
+            assert share == pytest.approx(q / 100, abs=0.01), f"{name}: {share:.4f} <= the file's p{q}"
+    assert np.corrcoef(p, o)[0, 1] == pytest.approx(np.corrcoef(tp, to)[0, 1], abs=0.05)

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.budget import FeedbackBudget, ProfileSample, StepTimeModel, pick_budget
+from scheduler.budget import FeedbackBudget, ProfileSample, StepFeatures, StepTimeModel, pick_budget
 from scheduler.config import BudgetConfig, SchedulerConfig
 from scheduler.policies import SCHEDULERS, make_scheduler
-from scheduler.request import RequestStatus
+from scheduler.request import Request, RequestStatus, SamplingParams
 from scheduler.telemetry import IterationStats
 from tests.test_scheduler import make_request, run_to_completion
 
@@ -165,15 +165,47 @@ def test_feedback_budget_backs_off_when_steps_are_slow_and_probes_up_when_fast()
 
 
 def test_step_time_model_fit_and_budget_pick():
-    true = StepTimeModel([0.01, 1e-4, 5e-4, 1e-7, 1e-8])
-    samples = [ProfileSample(p, d, c, true.predict(p, d, c))
-               for p in (0, 64, 256, 512) for d in (0, 8, 32) for c in (128, 1024) if p or d]
+    true = StepTimeModel([0.01, 1e-4, 5e-4, 1e-7, 1e-8, 2e-4])
+    samples = [ProfileSample(StepFeatures.uniform(p, d, c, k), true.predict(StepFeatures.uniform(p, d, c, k)))
+               for p in (0, 64, 256, 512) for d in (0, 8, 32) for c in (0, 128, 1024) for k in (1, 2)
+               if p or d]
     fitted = StepTimeModel.fit(samples)
-    assert abs(fitted.predict(300, 16, 600) - true.predict(300, 16, 600)) < 1e-9
+    probe = StepFeatures.uniform(300, 16, 600, 3)
+    assert fitted.predict(probe) == pytest.approx(true.predict(probe), rel=1e-9)
     b = pick_budget(fitted, tbt_slo_s=0.05, decode_tokens=16, context=512, tile=32,
                     min_budget=32, max_budget=2048)
     assert b % 32 == 0
-    assert true.predict(b - 16, 16, 512) <= 0.05 < true.predict(b + 32 - 16, 16, 512)
+    at = lambda budget: true.predict(StepFeatures.uniform(budget - 16, 16, 512))  # noqa: E731
+    assert at(b) <= 0.05 < at(b + 32)
+
+
+def test_step_features_of_a_scheduler_output():
+    """Each chunk counts with its own context: decodes by the KV they read, prefill chunks by
+    p * (start + p/2), and the features of uniform shapes agree with a real output's."""
+    from scheduler.core import ScheduledChunk
+
+    def request(rid, prompt, computed):
+        r = Request(rid, list(range(1, prompt + 1)), SamplingParams(max_tokens=4), 0.0)
+        r.num_computed_tokens = computed
+        return r
+
+    chunks = [ScheduledChunk(request("d1", 100, 99), 1), ScheduledChunk(request("d2", 300, 299), 1),
+              ScheduledChunk(request("p1", 500, 200), 64), ScheduledChunk(request("p2", 40, 0), 40)]
+    f = StepFeatures.of(chunks)
+    assert f == StepFeatures(prefill_tokens=104, decodes=2, decode_context=99 + 299,
+                             prefill_attention=64 * (200 + 32) + 40 * 20, sequences=4)
+    same = [ScheduledChunk(request(f"d{i}", 129, 128), 1) for i in range(3)]
+    same.append(ScheduledChunk(request("p", 500, 128), 64))
+    assert StepFeatures.of(same) == StepFeatures.uniform(64, 3, 128)
+
+
+def test_profiles_in_the_old_format_still_load():
+    from scheduler.budget import samples_from_json, samples_to_json
+
+    old = [{"prefill_tokens": 64, "decode_tokens": 8, "context": 128, "step_time": 0.02}]
+    (s,) = samples_from_json(old)
+    assert s.features == StepFeatures.uniform(64, 8, 128) and s.step_time == 0.02
+    assert samples_from_json(samples_to_json([s])) == [s]
 
 
 def test_feedback_policy_wires_through_make_scheduler():
@@ -258,11 +290,12 @@ def test_profiled_budget_with_too_few_samples_starts_on_the_static_budget(tiny_m
     from engine.config import EngineConfig
     from engine.core import EngineCore
     from engine.profiler import save_profile
-    from scheduler.budget import ProfileSample, StaticBudget
+    from scheduler.budget import StaticBudget
     from scheduler.config import BudgetConfig, SchedulerConfig
 
     path = tmp_path / "profile.json"
-    save_profile([ProfileSample(64, 1, 128, 0.01), ProfileSample(128, 1, 128, 0.02)], path)
+    save_profile([ProfileSample(StepFeatures.uniform(64, 1, 128), 0.01),
+                  ProfileSample(StepFeatures.uniform(128, 1, 128), 0.02)], path)
     engine = EngineCore(EngineConfig(
         model_dir=str(tiny_model_dir), dtype="float32", num_kv_blocks=64,
         scheduler=SchedulerConfig(token_budget=48, max_num_seqs=8, max_model_len=256,

@@ -17,7 +17,9 @@ from scheduler.policies import make_scheduler
 
 
 def make_request(i: int, prompt_len: int, max_tokens: int, arrival: float | None = None) -> Request:
-    return Request(f"r{i}", list(range(1, prompt_len + 1)),
+    """Request `r{i}`; its prompt shares no prefix with another's (tests/test_prefix_cache.py
+    covers sharing), so the prefix cache changes nothing here."""
+    return Request(f"r{i}", list(range(1000 * i + 1, 1000 * i + prompt_len + 1)),
                    SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
                    arrival_time=float(i) if arrival is None else arrival, eos_token_ids=frozenset({0}))
 
