@@ -320,13 +320,20 @@ async def _serve_gateway(args, engine_cfg, launcher, deployment) -> None:
             return False
         return True
 
-    supervisor = Supervisor(launcher, on_exit=lambda rid, code: pool.replica_lost(
-        rid, f"its process exited with code {code}"), may_restart=may_restart)
+    loop = asyncio.get_running_loop()
+
+    def on_exit(rid: str, code: int) -> None:
+        # Called from the polling thread; the pool belongs to the event loop.
+        loop.call_soon_threadsafe(pool.replica_lost, rid, f"its process exited with code {code}")
+
+    supervisor = Supervisor(launcher, on_exit=on_exit, may_restart=may_restart)
 
     async def watch_replicas() -> None:
         ready = asyncio.create_task(pool.wait_ready(gw_cfg.replica_ready_timeout_s))
         while True:
-            supervisor.poll(time.monotonic())
+            # In a worker thread: a restart can block for as long as the new replica takes to load
+            # (a Ray actor's `start`), and the gateway must keep answering meanwhile.
+            await asyncio.to_thread(supervisor.poll, time.monotonic())
             given_up = supervisor.given_up
             if all(rid in given_up for rid, s in launcher.specs.items() if s.role != "prefill"):
                 log.error("no replica that can decode is left; stopping")
