@@ -10,6 +10,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from scheduler.config import BUDGET_HELP, BUDGET_KINDS
+
 log = logging.getLogger("tandem")
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -85,16 +87,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="sarathi: most prefill tokens of an iteration in which no request is "
                         "decoding (no time between tokens to protect), so a prompt reaching an idle "
                         "replica is prefilled in fewer, larger chunks. 0 = --token-budget.")
-    s.add_argument("--budget", choices=["static", "profiled", "feedback"], default="static",
-                   help="Token budget controller. static: --token-budget. profiled: time steps over "
-                        "a grid at start-up (or load --profile-file), fit a step-time model, use the "
-                        "largest tile-aligned budget whose predicted step keeps --tbt-slo-ms. "
-                        "feedback: adjust every iteration from measured step times to hold the P99 "
-                        "under --tbt-slo-ms.")
+    s.add_argument("--budget", choices=list(BUDGET_KINDS), default="static",
+                   help="Token budget controller. " + "; ".join(f"{k}: {v}" for k, v in BUDGET_HELP.items())
+                   + ".")
     s.add_argument("--tbt-slo-ms", type=float, default=100.0,
-                   help="Time-between-tokens target of the profiled and feedback budgets.")
+                   help="Time-between-tokens target of the profiled, feedback and slo budgets.")
     s.add_argument("--profile-file", default=None,
-                   help="Step-time profile for --budget profiled (written by `tandem profile`).")
+                   help="Step-time profile for --budget profiled or slo (written by `tandem profile`; "
+                        "without one they profile at start-up).")
     s.add_argument("--max-num-seqs", type=int, default=None,
                    help="Most requests running at once (default: min(64, token budget), since every "
                         "running decode needs its token in each iteration).")

@@ -18,6 +18,7 @@ from engine.runner import ModelRunner
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from scheduler.core import AdmissionError
 from scheduler.request import FinishReason, Request, SamplingParams
+from scheduler.config import STEP_MODEL_BUDGETS
 from scheduler.policies import make_scheduler
 from scheduler.telemetry import IterationStats, iteration_stats
 
@@ -29,7 +30,7 @@ class EngineCore:
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
         self.runner = ModelRunner(config, self.model_config, keep_logits=keep_logits)
         sched_config, step_model = config.scheduler, None
-        if sched_config.budget.kind == "profiled":
+        if sched_config.budget.kind in STEP_MODEL_BUDGETS:
             from engine.profiler import load_or_profile  # noqa: PLC0415 - only this mode needs it
 
             step_model = load_or_profile(self.runner, sched_config)
@@ -163,5 +164,5 @@ class EngineCore:
             num_free_blocks=bm.num_free_blocks, num_blocks=bm.num_blocks,
             kv_cache_usage=bm.usage, num_preemptions=s.num_preemptions, token_budget=s.token_budget,
             max_num_seqs=s.config.max_num_seqs, prefix_cache_queries=bm.num_queried_tokens,
-            prefix_cache_hits=bm.num_hit_tokens,
+            prefix_cache_hits=bm.num_hit_tokens, slo_infeasible_steps=s.budget.infeasible_steps,
         )

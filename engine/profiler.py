@@ -138,7 +138,7 @@ def load_profile(path: str | Path) -> list[ProfileSample]:
 
 
 def load_or_profile(runner: ModelRunner, config: SchedulerConfig) -> StepTimeModel | None:
-    """The step-time model of `--budget profiled`, from --profile-file or a profile run now; None
+    """The step-time model of `--budget profiled` and `slo`, from --profile-file or a profile run now; None
     (with a warning) when there are too few samples to fit one (a small KV cache or context skips
     most of the grid), so the replica starts with the static budget instead of failing."""
     path = config.budget.profile_path
@@ -153,6 +153,6 @@ def load_or_profile(runner: ModelRunner, config: SchedulerConfig) -> StepTimeMod
     try:
         return StepTimeModel.fit(samples)
     except ValueError as e:
-        log.warning("--budget profiled: %s; using the static --token-budget %d instead",
-                    e, config.token_budget)
+        log.warning("--budget %s: %s; using the static --token-budget %d instead",
+                    config.budget.kind, e, config.token_budget)
         return None

@@ -120,6 +120,9 @@ class ReplicaStats:
     preemption and decode-side reservations included), total since start."""
     prefix_cache_hits: int = 0
     """Of those, tokens found cached (their KV reused instead of computed), total since start."""
+    slo_infeasible_steps: int = 0
+    """Steps whose decodes alone the slo budget predicted over the TBT SLO, total since start
+    (0 under the other budgets)."""
 
 
 @dataclass

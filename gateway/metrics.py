@@ -95,6 +95,12 @@ class GatewayMetrics:
             "their KV was reused, not computed.", ["replica"], registry=r)
         self._prefix_seen: dict[str, tuple[int, int]] = {}
         """Replica -> its (queries, hits) totals at the last refresh: the counters add the rest."""
+        self.slo_infeasible_steps = Counter(
+            "tandem:slo_infeasible_steps", "Steps whose decodes alone were predicted over the TBT "
+            "SLO (--budget slo): the SLO cannot be held at this decode load, whatever the prefill "
+            "budget.", ["replica"], registry=r)
+        self._infeasible_seen: dict[str, int] = {}
+        """Replica -> its infeasible-step total at the last refresh."""
 
     def observe_iterations(self, replica_id: str, iterations: list[IterationStats]) -> None:
         """Per-iteration batch composition and step time, as the replica measured them."""
@@ -135,6 +141,12 @@ class GatewayMetrics:
         self.prefix_cache_queries.labels(replica=replica_id).inc(queries - seen_q)
         self.prefix_cache_hits.labels(replica=replica_id).inc(hits - seen_h)
         self._prefix_seen[replica_id] = (queries, hits)
+        infeasible = stats.slo_infeasible_steps
+        seen = self._infeasible_seen.get(replica_id, 0)
+        if infeasible < seen:   # a restarted replica counts from zero again
+            seen = 0
+        self.slo_infeasible_steps.labels(replica=replica_id).inc(infeasible - seen)
+        self._infeasible_seen[replica_id] = infeasible
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,7 +8,23 @@ POLICIES = ("sarathi", "vllm", "orca", "request", "chunked_only", "hybrid_only")
 BUDGETED_WITH_DECODES = ("sarathi", "hybrid_only")
 # Policies that never split a prompt: an iteration must be able to hold the longest one.
 WHOLE_PROMPT = ("vllm", "orca", "request")
-BUDGET_KINDS = ("static", "profiled", "feedback")
+BUDGET_KINDS = ("static", "profiled", "feedback", "slo")
+# Budget controllers that start from a fitted step-time model (a profile or a start-up profile run).
+STEP_MODEL_BUDGETS = ("profiled", "slo")
+# Policies that cut prompts into chunks: the only ones a per-chunk (slo) budget can size.
+CHUNKING = ("sarathi", "chunked_only")
+BUDGET_HELP = {
+    "static": "the token budget never changes (--token-budget)",
+    "profiled": "at start-up time steps over a grid (or load --profile-file), fit a step-time "
+                "model, and use the largest tile-aligned budget whose predicted step keeps "
+                "--tbt-slo-ms",
+    "feedback": "adjust the budget every iteration from measured step times (AIMD on their P99) "
+                "to hold --tbt-slo-ms",
+    "slo": "predict every step's time before it runs (the profiled model, refitted online, times "
+           "its recent error) and give each prefill chunk the most tokens that keep the step "
+           "under --tbt-slo-ms; counts steps whose decodes alone exceed it "
+           "(tandem:slo_infeasible_steps_total); chunking policies only (sarathi, chunked_only)",
+}
 
 
 @dataclass(frozen=True)
@@ -16,17 +32,21 @@ class BudgetConfig:
     kind: str = "static"
     """`static`: the token budget never changes. `profiled`: at start-up the replica times steps
     over a grid, fits a step-time model and uses the largest tile-aligned budget whose predicted
-    step keeps `tbt_slo_ms`. `feedback`: the budget follows measured step times every iteration."""
+    step keeps `tbt_slo_ms`. `feedback`: the budget follows measured step times every iteration.
+    `slo`: every prefill chunk gets the most tokens whose step is predicted within `tbt_slo_ms`
+    (`scheduler.budget.SloBudget`), starting from the profiled model."""
     tbt_slo_ms: float = 100.0
-    """Time-between-tokens target the profiled and feedback controllers hold (P99)."""
+    """Time-between-tokens target the profiled, feedback and slo controllers hold (P99)."""
     tile: int = 32
     """Budgets are multiples of this (matmul tile alignment)."""
     min_budget: int | None = None
     """Floor of the feedback controller (default: max_num_seqs rounded up to the tile)."""
     max_budget: int = 2048
-    """Ceiling of the profiled and feedback controllers."""
+    """Ceiling of the profiled and feedback controllers; the token budget of slo (whose steps
+    the SLO limits, not a token count)."""
     profile_path: str | None = None
-    """Step-time profile to load (`tandem profile` writes one); profiled runs one if absent."""
+    """Step-time profile to load (`tandem profile` writes one); profiled and slo run one if
+    absent."""
 
     def __post_init__(self) -> None:
         if self.kind not in BUDGET_KINDS:
@@ -93,6 +113,10 @@ class SchedulerConfig:
                 f"token_budget ({self.token_budget}) must be >= max_num_seqs ({self.max_num_seqs}) "
                 "so no running decode is ever paused"
             )
+        if self.budget.kind == "slo" and self.policy not in CHUNKING:
+            raise ValueError(
+                f"--budget slo sizes prefill chunks, but policy {self.policy!r} never cuts a "
+                f"prompt into chunks; use it with {' or '.join(CHUNKING)}")
         if self.policy in WHOLE_PROMPT and self.max_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"policy {self.policy!r} never chunks prompts, so max_batched_tokens "

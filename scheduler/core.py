@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from scheduler.block_manager import BlockManager
-from scheduler.budget import BudgetController, StaticBudget
+from scheduler.budget import BudgetController, StaticBudget, StepFeatures
 from scheduler.config import SchedulerConfig
 from scheduler.request import FinishReason, Request, RequestStatus
 from scheduler.telemetry import IterationStats
@@ -52,6 +52,8 @@ class SchedulerOutput:
     """Batch order: decodes first, then prefill chunks (the runner keeps this order)."""
     token_budget: int
     preempted_ids: list[str] = field(default_factory=list)
+    features: StepFeatures | None = None
+    """What the step's time depends on, recorded by `schedule` (chunk starts change at `update`)."""
 
     @property
     def num_tokens(self) -> int:
@@ -282,12 +284,30 @@ class Scheduler:
                 out.chunks.append(ScheduledChunk(request, 1))
         return len(out.chunks)
 
+    def prefill_room(self, out: SchedulerOutput, start: int) -> int | None:
+        """Most tokens the budget controller lets a prefill chunk starting at token `start` of its
+        request add to `out` (None: no cap but the token budget). A controller that predicts step
+        times (`--budget slo`) sizes each chunk against the step it joins; the others never cap,
+        so their schedules are exactly what the token budget alone gives."""
+        if not self.budget.per_chunk:
+            return None
+        return self.budget.chunk_room(out.chunks, start)
+
+    def _chunk(self, out: SchedulerOutput, start: int, want: int, left: int) -> int:
+        """Tokens of the next prefill chunk: what it wants, within the budget left and the room."""
+        room = self.prefill_room(out, start)
+        return min(want, left) if room is None else min(want, left, room)
+
     def schedule_partial_prefills(self, out: SchedulerOutput, used: int, limit: int) -> int:
-        """Chunks for running requests whose prompt is partly computed, within `limit` tokens."""
+        """Chunks for running requests whose prompt is partly computed, within `limit` tokens
+        (and the controller's `prefill_room`)."""
         for request in [r for r in self.ready() if r.num_uncomputed_tokens > 1]:
             if used >= limit:
                 break
-            n = min(request.num_uncomputed_tokens, limit - used)
+            n = self._chunk(out, request.num_computed_tokens, request.num_uncomputed_tokens,
+                            limit - used)
+            if n <= 0:
+                break   # the step is full by the SLO: later chunks would only be longer steps
             out.chunks.append(ScheduledChunk(request, n))
             used += n
         return used
@@ -305,12 +325,14 @@ class Scheduler:
         first = True
         while self.waiting and used < limit and not out.preempted_ids:
             request = self.waiting[0]
-            need = request.num_uncomputed_tokens - self.cached_tokens(request)
+            cached = self.cached_tokens(request)
+            need = request.num_uncomputed_tokens - cached
             if not chunked and need > limit - used and not (oversize_first and first):
                 break
-            if not self.admit(request, now):
+            # sized before `admit`, which would start the request: no room means it stays waiting
+            n = self._chunk(out, cached, need, limit - used) if chunked else need
+            if n <= 0 or not self.admit(request, now):
                 break
-            n = min(need, limit - used) if chunked else need
             out.chunks.append(ScheduledChunk(request, n))
             used += n
             first = False
@@ -349,6 +371,7 @@ class Scheduler:
     def schedule(self, now: float) -> SchedulerOutput:
         """The next batch (the policy's `plan`); its requests are in flight until `update`."""
         out = self.plan(now)
+        out.features = StepFeatures.of(out.chunks)
         self.in_flight.update(c.request.request_id for c in out.chunks)
         return out
 

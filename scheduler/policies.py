@@ -1,7 +1,8 @@
 """Scheduler and budget-controller factory: `--scheduler` and `--budget` map here."""
 from __future__ import annotations
 
-from scheduler.budget import BudgetController, FeedbackBudget, StaticBudget, StepTimeModel, pick_budget
+from scheduler.budget import (BudgetController, FeedbackBudget, SloBudget, StaticBudget, StepTimeModel,
+                              pick_budget)
 from scheduler.chunked_only import ChunkedOnlyScheduler
 from scheduler.config import SchedulerConfig
 from scheduler.core import Scheduler
@@ -46,6 +47,11 @@ def make_budget(config: SchedulerConfig, step_model: StepTimeModel | None = None
         if step_model is None:
             raise ValueError("the profiled budget needs a step-time profile (run `tandem profile`)")
         return StaticBudget(profiled_budget(config, step_model))
+    if b.kind == "slo":
+        if step_model is None:
+            raise ValueError("the slo budget needs a step-time model to start from "
+                             "(a `tandem profile` file, or the start-up profile)")
+        return SloBudget(step_model, b.tbt_slo_ms / 1e3, max(b.max_budget, config.min_budget), b.tile)
     return FeedbackBudget(config.token_budget, b.tbt_slo_ms / 1e3, b.tile,
                           config.min_budget, b.max_budget)
 

@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import asdict
 
+from scheduler.config import BUDGET_KINDS, STEP_MODEL_BUDGETS
 from sim.specs import DEVICES, LINKS, MODELS
 
 SIM_NUM_REQUESTS = 2048
@@ -41,8 +42,9 @@ def add_scheduling_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-batched-tokens", type=int, default=None,
                    help="Whole-prompt policies' token cap (default: --max-model-len).")
     s.add_argument("--block-size", type=int, default=16)
-    s.add_argument("--budget", choices=["static", "profiled", "feedback"], default="static",
-                   help="Budget controller (profiled fits the cost model over the profile grid).")
+    s.add_argument("--budget", choices=list(BUDGET_KINDS), default="static",
+                   help="Budget controller (profiled and slo start from the cost model fitted over "
+                        "the profile grid).")
 
 
 def scheduler_config(args: argparse.Namespace, tbt_slo_ms: float | None = None):
@@ -126,7 +128,7 @@ def build_cluster_factory(args: argparse.Namespace):
     blocks = args.num_kv_blocks or num_kv_blocks(model, device, args.tp, args.block_size,
                                                  pp=args.pp)
     config = scheduler_config(args)
-    step_model = cost.step_model() if args.budget == "profiled" else None
+    step_model = cost.step_model() if args.budget in STEP_MODEL_BUDGETS else None
     hybrid = args.hybrid_replicas
     if hybrid is None:
         hybrid = 0 if (args.prefill_replicas or args.decode_replicas) else 1

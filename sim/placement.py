@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from cluster.spec import DeploymentSpec, ReplicaGroup, SCHEDULER_KEYS
+from scheduler.config import STEP_MODEL_BUDGETS
 from sim.specs import LINKS, Device, ModelSpec
 
 Rank = tuple[int, int]
@@ -379,7 +380,7 @@ def cluster_factory(plan: Plan, model: ModelSpec, hw: Hardware, config, *, kv_co
         spans = len({node for node, _ in ranks}) > 1
         if spans not in costs:
             cost = RooflineCost(model, device, tp=c.tp, pp=c.pp, pp_link=inter if spans else intra)
-            costs[spans] = (cost, cost.step_model() if config.budget.kind == "profiled" else None)
+            costs[spans] = (cost, cost.step_model() if config.budget.kind in STEP_MODEL_BUDGETS else None)
         return costs[spans]
 
     roles = {rid: g.role for rid, g, _ in spec.replicas(cores=1)}
