@@ -261,7 +261,9 @@ def remember_prefix(replica: ReplicaState, hashes: Sequence[bytes]) -> None:
     for h in reversed(hashes):
         blocks[h] = None
         blocks.move_to_end(h)
-    capacity = min(replica.ready.num_blocks, MAX_REMEMBERED_BLOCKS) if replica.ready else MAX_REMEMBERED_BLOCKS
+    capacity = MAX_REMEMBERED_BLOCKS
+    if replica.ready is not None:
+        capacity = min(replica.ready.num_blocks, capacity)
     while len(blocks) > capacity:
         blocks.popitem(last=False)
 

@@ -5,6 +5,7 @@ under `prefix` than under `least_loaded`."""
 from __future__ import annotations
 
 import asyncio
+import tempfile
 
 import httpx
 import pytest
@@ -17,7 +18,6 @@ from gateway.routing import (
 )
 from scheduler.block_manager import BlockManager, prefix_hashes
 from scheduler.request import Request, SamplingParams
-from tests.test_gateway import tmpdir_short  # noqa: F401 - a fixture (short ipc paths)
 
 BLOCK = 16
 
@@ -164,7 +164,8 @@ def test_without_token_ids_prefix_routes_as_least_loaded():
     reps = [replica(r, tokens=t) for r, t in (("a", 50), ("b", 10), ("c", 10))]
     for n in (1, 100, 1000):
         p = router.place(reps, RouteRequest(n, max_tokens=8))
-        assert (p.replica, p.decision, p.prefix_hashes) == (ll.place(reps, RouteRequest(n)).replica, "prefix_miss", [])
+        want = ll.place(reps, RouteRequest(n)).replica
+        assert (p.replica, p.decision, p.prefix_hashes) == (want, "prefix_miss", [])
 
 
 def test_route_request_names_a_length_that_does_not_match_its_ids():
@@ -196,6 +197,13 @@ def test_pd_chooses_the_decode_replica_by_prefix():
 
 
 # -- through the pool -------------------------------------------------------------------------
+@pytest.fixture
+def tmpdir_short():
+    # ipc paths must be short (108 bytes), so not pytest's deep tmp_path
+    with tempfile.TemporaryDirectory(prefix="tr") as d:
+        yield d
+
+
 def test_the_pool_routes_by_prefix_and_forgets_a_lost_replica(tmpdir_short):
     from gateway.replica_client import ReplicaPool
     from tests.fake_replica import FakeReplica
