@@ -392,6 +392,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gateway.routing import ROUTING, ROUTING_HELP
+
     p = argparse.ArgumentParser(prog="tandem", description="Tandem: LLM serving with stall-free hybrid batching.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -414,10 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--decode-replicas", type=int, default=0, help="Decode replicas (receive KV).")
     d.add_argument("--hybrid-replicas", type=int, default=None,
                    help="Replicas that prefill and decode (default: 1 if no prefill/decode replicas).")
-    d.add_argument("--routing", choices=["round_robin", "least_loaded", "pd"], default=None,
-                   help="round_robin; least_loaded (fewest outstanding tokens); pd = conditional "
-                        "disaggregation: prompts over --offload-threshold go to a prefill replica "
-                        "when its queue is short. Default: pd with prefill replicas, else round_robin.")
+    d.add_argument("--routing", choices=ROUTING, default=None,
+                   help="; ".join(f"{name}: {text}" for name, text in ROUTING_HELP.items())
+                        + ". Default: pd with prefill replicas, else round_robin.")
     d.add_argument("--offload-threshold", type=int, default=512,
                    help="pd routing: prompts longer than this many tokens are offloaded.")
     d.add_argument("--kv-transport", choices=["zmq", "torch"], default="zmq",

@@ -3,7 +3,7 @@
 The same spec comes from `tandem serve` flags or from a YAML file (`tandem serve --spec FILE`):
 
     model: null                 # HF dir or .gguf; null = the embedded SmolLM2
-    routing: pd                 # round_robin | least_loaded | pd
+    routing: pd                 # round_robin | least_loaded | prefix | pd
     offload_threshold: 512      # pd: prompts longer than this go to a prefill replica
     kv_transport: zmq           # zmq | torch
     kv_codec: raw               # raw | lz4 | int8 | fp8
@@ -43,8 +43,9 @@ from typing import Any
 
 import yaml
 
+from gateway.routing import ROUTING
+
 ROLES = ("hybrid", "prefill", "decode")
-ROUTING = ("round_robin", "least_loaded", "pd")
 KV_TRANSPORTS = ("zmq", "torch")
 KV_CODECS = ("raw", "lz4", "int8", "fp8")
 GROUP_KEYS = ("role", "count", "threads", "tp", "pp", "resources")
@@ -122,8 +123,10 @@ class DeploymentSpec:
     groups: tuple[ReplicaGroup, ...]
     """Replica groups; at least one replica must be able to decode (hybrid or decode)."""
     routing: str | None = None
-    """Gateway routing: round_robin, least_loaded (fewest outstanding tokens), or pd
-    (conditional disaggregation: long prompts to a prefill replica when its queue is short).
+    """Gateway routing, one of `gateway.routing.ROUTING`: round_robin, least_loaded (fewest
+    outstanding tokens), prefix (the replica that likely has the prompt's prefix cached, within a
+    load bound) or pd (conditional disaggregation: long prompts to a prefill replica when its
+    queue is short).
     Default, as on the command line: pd when there are prefill replicas, else round_robin."""
     offload_threshold: int = 512
     """pd routing: offload prompts longer than this many tokens."""

@@ -31,7 +31,7 @@ from engine.protocol import (
     decode, encode,
 )
 from gateway.replica_state import ReplicaState
-from gateway.routing import Placement, RoundRobin, Router, charge, prefill_landed, release
+from gateway.routing import Placement, RoundRobin, RouteRequest, Router, charge, prefill_landed, release
 from scheduler.request import SamplingParams
 from scheduler.telemetry import IterationStats
 
@@ -272,7 +272,8 @@ class ReplicaPool:
         placed: list[tuple[RequestStream, AddRequest]] = []
         for rid, prompt, sampling in items:
             candidates = [r for r in healthy if max_waiting is None or r.num_waiting < max_waiting]
-            placement = self.router.place(candidates, len(prompt)) if candidates else None
+            route = RouteRequest.of(prompt, sampling.max_tokens)
+            placement = self.router.place(candidates, route) if candidates else None
             if placement is None:
                 for stream, _ in placed:  # nothing was sent yet
                     self._finish(stream)
@@ -453,8 +454,10 @@ class ReplicaPool:
     def _evict(self, replica: ReplicaState, message: str) -> None:
         """Requests on `replica` that have produced nothing move to a healthy replica; the others
         end with a retryable error. Its peers drop KV transfers with it (`PeerLost`): a decode
-        replica recomputes the prompts it was prefilling, a prefill replica stops pushing to it."""
+        replica recomputes the prompts it was prefilling, a prefill replica stops pushing to it.
+        What prefix routing remembers of its cache is forgotten: a new process starts empty."""
         rid = replica.replica_id
+        replica.prefix_blocks.clear()
         for stream in [s for s in self._streams.values() if s.replica_id == rid]:
             self._send_soon(rid, AbortRequests([stream.request_id]))  # in case it still runs them
             if stream.delivered or not self._move(stream):
@@ -471,7 +474,8 @@ class ReplicaPool:
         now = time.monotonic()
         healthy = [r for r in self._replicas.values() if r.replica_id != stream.replica_id
                    and r.is_healthy(now, self.heartbeat_timeout_s)]
-        placement = self.router.place(healthy, stream.num_prompt_tokens) if healthy else None
+        route = RouteRequest.of(stream.prompt_token_ids, stream.sampling.max_tokens)
+        placement = self.router.place(healthy, route) if healthy else None
         if placement is None:
             return False
         old = stream.replica_id

@@ -1,6 +1,7 @@
 """What the gateway knows about each replica (routing policies are in gateway/routing.py)."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from engine.protocol import ReplicaReady, ReplicaStats
@@ -33,6 +34,11 @@ class ReplicaState:
     """Its socket connected again since it was lost."""
     restarts: int = 0
     """New processes seen under this replica id since the first one."""
+    prefix_blocks: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    """Prefix routing: the block-prefix hashes of the prompts routed here, least recently routed
+    first (bounded; `gateway.routing.remember_prefix` keeps it) -- the gateway's guess of what this
+    replica has cached, since it cannot see its cache. Emptied when the replica is lost or
+    restarts: a new process starts with an empty cache."""
 
     @property
     def role(self) -> str:

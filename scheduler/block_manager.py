@@ -37,6 +37,20 @@ def block_hash(parent: bytes, token_ids: list[int]) -> bytes:
     return hashlib.blake2b(parent + array("q", token_ids).tobytes(), digest_size=HASH_BYTES).digest()
 
 
+def prefix_hashes(token_ids, block_size: int, count: int, known: list[bytes] | None = None) -> list[bytes]:
+    """The chained hashes of the first `count` full blocks of `token_ids` (a sequence, or a
+    callable `(start, end) -> ids`): hash i names tokens [0, (i+1)*block_size). `known`, if given,
+    holds the first hashes already computed and is extended in place. The gateway's prefix
+    routing calls this on prompts, so that what it remembers is keyed exactly as replicas cache."""
+    hashes = known if known is not None else []
+    ids = token_ids if callable(token_ids) else (lambda start, end: token_ids[start:end])
+    while len(hashes) < count:
+        i = len(hashes)
+        hashes.append(block_hash(hashes[-1] if hashes else _ROOT_HASH,
+                                 ids(i * block_size, (i + 1) * block_size)))
+    return hashes
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False) -> None:
         if num_blocks < 1:
@@ -89,12 +103,8 @@ class BlockManager:
     # -- prefix lookups -----------------------------------------------------------------------
     def _block_hashes(self, request: Request, count: int) -> list[bytes]:
         """Hashes of the first `count` full blocks of `request` (computed once per request)."""
-        hashes = self._hashes.setdefault(request.request_id, [])
-        b = self.block_size
-        while len(hashes) < count:
-            i = len(hashes)
-            hashes.append(block_hash(hashes[-1] if hashes else _ROOT_HASH, request.token_ids(i * b, (i + 1) * b)))
-        return hashes
+        return prefix_hashes(request.token_ids, self.block_size, count,
+                             self._hashes.setdefault(request.request_id, []))
 
     def cached_blocks(self, request: Request) -> list[int]:
         """The cached blocks of the longest cached prefix of `request` (changes nothing): whole

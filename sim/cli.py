@@ -63,6 +63,7 @@ def scheduler_config(args: argparse.Namespace, tbt_slo_ms: float | None = None):
 
 def _add_sim_args(p: argparse.ArgumentParser) -> None:
     from bench.cli import add_workload_args
+    from gateway.routing import ROUTING
 
     g = p.add_argument_group("model and hardware")
     add_model_device_args(g)
@@ -87,8 +88,10 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
                    help="Replicas that prefill and decode (default 1 without prefill/decode ones).")
     c.add_argument("--prefill-replicas", type=int, default=0)
     c.add_argument("--decode-replicas", type=int, default=0)
-    c.add_argument("--routing", choices=["round_robin", "least_loaded", "pd"], default=None,
-                   help="Default: pd with prefill replicas, else round_robin.")
+    c.add_argument("--routing", choices=ROUTING, default=None,
+                   help="Default: pd with prefill replicas, else round_robin. prefix routes as "
+                        "least_loaded here: simulated prompts carry no real token ids and the "
+                        "simulated replicas cache no prefixes.")
     c.add_argument("--offload-threshold", type=int, default=512)
     c.add_argument("--kv-link", choices=sorted(LINKS), default="infiniband",
                    help="Link between prefill and decode replicas (default infiniband).")

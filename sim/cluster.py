@@ -45,7 +45,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from bench.results import RequestResult, RunResult
-from gateway.routing import Placement, charge, make_router, prefill_landed, release
+from gateway.routing import Placement, RouteRequest, charge, make_router, prefill_landed, release
 from scheduler.core import AdmissionError
 from scheduler.request import Request
 from sim.replica import SimReplica, make_request
@@ -210,7 +210,10 @@ class Cluster:
 
     # -- arrivals and routing -----------------------------------------------------------------
     def _arrive(self, now: float, index: int, prompt: int, output: int) -> None:
-        placement: Placement | None = self.router.place([r.state for r in self.replicas], prompt)
+        # No token ids: the simulator's prompts are placeholders ([0] * prompt, see make_request)
+        # and its replicas cache no prefixes, so `prefix` routes as least_loaded here.
+        route = RouteRequest(prompt, max_tokens=output)
+        placement: Placement | None = self.router.place([r.state for r in self.replicas], route)
         if placement is None:
             self._tracked[index] = _Tracked(index, now, prompt, output, 0, None, None,
                                             error="no replica can take the request")

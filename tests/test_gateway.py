@@ -21,6 +21,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.replica_client import ReplicaPool
+from gateway.routing import RouteRequest
 from scheduler.request import SamplingParams
 from tests.fake_replica import FakeReplica, wait_until
 
@@ -501,7 +502,7 @@ def test_least_loaded_picks_fewest_outstanding_tokens_not_requests():
     reps = [_replica_state("a", tokens=900, requests=1), _replica_state("b", tokens=300, requests=1),
             _replica_state("c", tokens=120, requests=6)]
     for order in (reps, reps[::-1], reps[1:] + reps[:1]):
-        assert router.place(order, 10).replica.replica_id == "c"
+        assert router.place(order, RouteRequest(10)).replica.replica_id == "c"
 
 
 def test_least_loaded_never_places_a_request_on_a_prefill_replica():
@@ -510,9 +511,9 @@ def test_least_loaded_never_places_a_request_on_a_prefill_replica():
     router = make_router("least_loaded")
     idle_prefill = _replica_state("a-prefill", role="prefill")   # least loaded, and first by id
     busy = [_replica_state("b", role="decode", tokens=500), _replica_state("c", tokens=400)]
-    assert router.place([idle_prefill, *busy], 10).replica.replica_id == "c"
-    assert router.place([idle_prefill, busy[0]], 10).replica.replica_id == "b"
-    assert router.place([idle_prefill], 10) is None     # nothing can decode: the pool says 429
+    assert router.place([idle_prefill, *busy], RouteRequest(10)).replica.replica_id == "c"
+    assert router.place([idle_prefill, busy[0]], RouteRequest(10)).replica.replica_id == "b"
+    assert router.place([idle_prefill], RouteRequest(10)) is None     # nothing can decode: the pool says 429
 
 
 def test_least_loaded_ties_go_by_id_so_equal_requests_spread_evenly():
@@ -522,7 +523,7 @@ def test_least_loaded_ties_go_by_id_so_equal_requests_spread_evenly():
     reps = [_replica_state(rid) for rid in ("c", "a", "b")]
     placed = []
     for _ in range(6):   # the pool charges each request's tokens to its replica (routing.charge)
-        choice = router.place(reps, 10).replica
+        choice = router.place(reps, RouteRequest(10)).replica
         choice.outstanding_tokens += 10 + 16
         placed.append(choice.replica_id)
     assert placed == ["a", "b", "c", "a", "b", "c"]
@@ -538,14 +539,14 @@ def test_routing_accounting_without_a_pool_steers_pd_like_the_pool_does():
     decode, prefill = reps
     placed = []
     for _ in range(3):
-        placement = router.place(reps, 500)
+        placement = router.place(reps, RouteRequest(500))
         charge(placement, 500 + 16)
         placed.append(placement)
     assert [p.decision for p in placed] == ["offload", "offload", "local_prefill_busy"]
     assert (decode.outstanding, decode.outstanding_tokens, prefill.prefill_queue) == (3, 3 * 516, 2)
     assert (prefill.outstanding, prefill.outstanding_tokens) == (0, 0)
     prefill_landed(placed[0].prefill)          # first token of the first request: its slot frees
-    assert prefill.prefill_queue == 1 and router.place(reps, 500).decision == "offload"
+    assert prefill.prefill_queue == 1 and router.place(reps, RouteRequest(500)).decision == "offload"
     release(decode, None, 516)                 # ... and it finishes (its prefill already landed)
     release(decode, placed[1].prefill, 516)    # the second ends before its first token
     release(decode, None, 516)                 # the local one
