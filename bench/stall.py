@@ -1,4 +1,4 @@
-"""The generation-stall benchmark (Sarathi-Serve's motivating result) with the real server.
+r"""The generation-stall benchmark (Sarathi-Serve's motivating result) with the real server.
 
 A few streams decode while long prompts arrive. Prefill-prioritising batching (`vllm`) pauses
 every stream for each long prefill; stall-free batching (`sarathi`) keeps them flowing by chunking
