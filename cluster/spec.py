@@ -224,7 +224,8 @@ ENGINE_KEYS = ("dtype", "kv_cache_gb", "num_kv_blocks", "threads")
 SCHEDULER_KEYS = {"scheduler": "policy", "token_budget": "token_budget",
                   "idle_token_budget": "idle_token_budget", "max_num_seqs": "max_num_seqs",
                   "max_batched_tokens": "max_batched_tokens", "watermark": "watermark",
-                  "enable_prefix_caching": "enable_prefix_caching"}
+                  "enable_prefix_caching": "enable_prefix_caching",
+                  "tenant_weights": "tenant_weights", "tenant_fair_share": "tenant_fair_share"}
 
 
 def apply_overrides(engine_cfg, overrides: dict[str, Any]):

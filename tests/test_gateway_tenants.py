@@ -121,3 +121,30 @@ def test_tenant_quota_429_per_tenant_and_the_server_keeps_serving(tmpdir_short):
         assert post(s, user="a").status_code == 200
         text = httpx.get(s.url + "/metrics").text
         assert 'tandem:tenant_requests_waiting{tenant="a"} 0.0' in text
+
+
+def test_serve_options_reach_the_gateway_and_scheduler_configs():
+    from types import SimpleNamespace
+
+    from cluster.cli import _api_keys, build_parser, gateway_config_from_args
+    from cluster.spec import apply_overrides
+    from engine.config import EngineConfig
+
+    args = build_parser().parse_args([
+        "serve", "--api-key", "a=k1", "--api-key", "b=k2", "--api-key", "anon==",
+        "--tenant-max-waiting", "3", "--tenant-weights", "a=2,b=1", "--tenant-scheduling", "fcfs"])
+    gw = gateway_config_from_args(args, SimpleNamespace(
+        model_name=MODEL, scheduler=SimpleNamespace(max_model_len=64)))
+    assert gw.api_key == "anon==" and gw.api_keys == (("a", "k1"), ("b", "k2"))
+    assert gw.tenant_max_waiting == 3
+    assert args.tenant_weights == "a=2,b=1" and args.tenant_scheduling == "fcfs"
+    with pytest.raises(SystemExit, match="more than one anonymous"):
+        _api_keys(["k1", "k2"])
+    dup = build_parser().parse_args(["serve", "--api-key", "a=k1", "--api-key", "a=k2"])
+    with pytest.raises(SystemExit, match=r"\['a'\]"):
+        gateway_config_from_args(dup, SimpleNamespace(
+            model_name=MODEL, scheduler=SimpleNamespace(max_model_len=64)))
+    # A deployment spec's replica group may set the weights as a YAML mapping.
+    cfg = apply_overrides(EngineConfig(model_dir="unused"), {"tenant_weights": {"b": 1, "a": 2}})
+    assert cfg.scheduler.tenant_weights == (("a", 2.0), ("b", 1.0))
+    assert EngineConfig.from_dict(cfg.to_dict()).scheduler.tenant_weights == (("a", 2.0), ("b", 1.0))
