@@ -672,4 +672,5 @@ def tenant_workload(cfg: WorkloadConfig, tenants: list[TenantStream]) -> Workloa
         merged.extend(replace(r, tenant=t.name) for r in wl)
         parts.append(f"{t.name} {n_t} req at {t.qps:g} qps")
     merged.sort(key=lambda r: r.arrival_s)
-    return Workload(merged, f"tenants: {', '.join(parts)}; {wl.description}")
+    lengths = wl.description.split(", ", 1)[-1]   # the arrivals part is per tenant, above
+    return Workload(merged, f"tenants: {', '.join(parts)}; {cfg.arrival} arrivals, {lengths}")
