@@ -12,6 +12,10 @@ The same spec comes from `tandem serve` flags or from a YAML file (`tandem serve
       - {role: decode, count: 1, token_budget: 128}
       - {role: hybrid, count: 0}
 
+A group's other keys override the command line's engine and scheduler settings for its replicas
+(`SCHEDULER_KEYS`, `ENGINE_KEYS` below), e.g. `tenant_weights: {a: 2, b: 1}` or
+`tenant_fair_share: false` (= `--tenant-weights a=2,b=1`, `--tenant-scheduling fcfs`).
+
 A group can span several devices (for a Ray cluster; until the parallel engine exists
 `tandem serve` refuses tp or pp > 1):
 

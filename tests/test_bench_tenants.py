@@ -3,6 +3,7 @@ the per-tenant report."""
 from __future__ import annotations
 
 import asyncio
+import tempfile
 
 import pytest
 
@@ -10,8 +11,15 @@ from bench.client import run_load
 from bench.report import format_table, summarize
 from bench.results import RequestResult, RunResult
 from bench.workload import TenantStream, WorkloadConfig, tenant_workload
-from tests.test_gateway import Server, tmpdir_short  # noqa: F401 - fixture
+from tests.test_gateway import Server
 
+
+
+@pytest.fixture(scope="module")
+def tmpdir_short():
+    # ipc paths must be short (108 bytes), so not pytest's deep tmp_path
+    with tempfile.TemporaryDirectory(prefix="tt") as d:
+        yield d
 
 def test_tenant_streams_parse_and_split_by_rate():
     assert TenantStream.parse("flood=10") == TenantStream("flood", 10.0, None)

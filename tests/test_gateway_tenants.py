@@ -3,6 +3,8 @@ the `user` field names the tenant of anonymous keys, the per-tenant quota answer
 per-tenant metrics appear in /metrics."""
 from __future__ import annotations
 
+import tempfile
+
 import httpx
 import pytest
 
@@ -11,7 +13,7 @@ from gateway.config import GatewayConfig, parse_api_key
 from gateway.tenants import Tenants
 from scheduler.request import SamplingParams
 from tests.fake_replica import wait_until
-from tests.test_gateway import HANG_S, MODEL, Server, tmpdir_short  # noqa: F401 - fixture
+from tests.test_gateway import HANG_S, MODEL, Server
 
 BODY = {"model": MODEL, "prompt": "q", "max_tokens": 2}
 
@@ -25,6 +27,13 @@ def tenants_received(s: Server) -> dict[str, str]:
     with s.replica._lock:
         return {m.request_id: m.tenant for m in s.replica.received}
 
+
+
+@pytest.fixture(scope="module")
+def tmpdir_short():
+    # ipc paths must be short (108 bytes), so not pytest's deep tmp_path
+    with tempfile.TemporaryDirectory(prefix="tt") as d:
+        yield d
 
 def test_api_key_values_parse_and_duplicates_are_named():
     assert parse_api_key("a=k1") == ("a", "k1")
