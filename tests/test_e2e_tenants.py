@@ -26,10 +26,11 @@ def server(request, tiny_model_dir):
         yield srv.url, request.param
 
 
-async def _complete(http: httpx.AsyncClient, url: str, key: str, done: list, tag: str) -> None:
+async def _complete(http: httpx.AsyncClient, url: str, key: str, done: list, tag: str,
+                    max_tokens: int = 24) -> None:
     r = await http.post(url + "/v1/completions", headers={"Authorization": f"Bearer {key}"},
-                        json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 24,
-                              "temperature": 0, "ignore_eos": True})
+                        json={"model": "tiny", "prompt": "Once upon a time",
+                              "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
     assert r.status_code == 200, r.text
     done.append(tag)
 
@@ -37,7 +38,8 @@ async def _complete(http: httpx.AsyncClient, url: str, key: str, done: list, tag
 async def _scenario(url: str) -> list[str]:
     done: list[str] = []
     async with httpx.AsyncClient(timeout=120) as http:
-        flood = [asyncio.ensure_future(_complete(http, url, "k-flood", done, f"flood{i}"))
+        # Long enough that the tiny model cannot drain the flood before its backlog is seen.
+        flood = [asyncio.ensure_future(_complete(http, url, "k-flood", done, f"flood{i}", 240))
                  for i in range(FLOOD)]
         deadline = time.monotonic() + 60
         while True:   # the flood's backlog is queued on the replica before the quiet one comes
