@@ -146,7 +146,8 @@ def _prompts(args):
     return PromptBuilder(tokens_per_word=args.tokens_per_word, token_ids=args.token_ids, seed=args.seed)
 
 
-def _run(args, workload, model: str | None, run_timeout_s: float | None, title: str):
+def _run(args, workload, model: str | None, run_timeout_s: float | None, title: str,
+         tenant_keys: dict[str, str] | None = None):
     """One load run with a progress bar on stderr."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -167,7 +168,8 @@ def _run(args, workload, model: str | None, run_timeout_s: float | None, title: 
 
         return asyncio.run(run_load(workload, args.url, model=model, api_key=_api_key(args),
                                     timeout_s=args.timeout, run_timeout_s=run_timeout_s,
-                                    prompts=_prompts(args), on_done=on_done))
+                                    prompts=_prompts(args), on_done=on_done,
+                                    tenant_keys=tenant_keys))
 
 
 def write_json(path: str | None, data: dict) -> None:
@@ -179,20 +181,27 @@ def write_json(path: str | None, data: dict) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from bench.report import SLO, format_table, summarize
-    from bench.workload import build_workload
+    from bench.workload import TenantStream, build_workload, tenant_workload
 
     try:
         cfg = workload_config(args)
-        if args.qps is None and cfg.arrival != "trace":
-            raise ValueError(f"--qps is needed with --arrival {cfg.arrival}")
-        workload = build_workload(cfg, args.qps)
+        tenants = [TenantStream.parse(t) for t in args.tenant or ()]
+        if tenants:
+            if args.qps is not None:
+                raise ValueError("--qps and --tenant exclude each other: each tenant has its rate")
+            workload = tenant_workload(cfg, tenants)
+        else:
+            if args.qps is None and cfg.arrival != "trace":
+                raise ValueError(f"--qps is needed with --arrival {cfg.arrival}")
+            workload = build_workload(cfg, args.qps)
         slo = SLO(ttft_s=args.ttft_slo_ms / 1000 if args.ttft_slo_ms else None,
                   tbt_s=args.tbt_slo_ms / 1000 if args.tbt_slo_ms else None)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     if args.dump_workload:
         workload.to_jsonl(args.dump_workload)
-    run = _run(args, workload, args.model, args.run_timeout, f"{len(workload)} requests")
+    run = _run(args, workload, args.model, args.run_timeout, f"{len(workload)} requests",
+               {t.name: t.api_key for t in tenants if t.api_key})
     wl = {**workload.summary(), "qps": args.qps, "config": asdict(cfg),
           "prompt_mode": "token_ids" if args.token_ids else f"words x{args.tokens_per_word:g}"}
     summary = summarize(run, slo, label=args.label, workload=wl)
@@ -292,6 +301,12 @@ def add_bench_commands(subparsers) -> None:
     b.add_argument("--qps", type=float, default=None,
                    help="Mean request rate (needed unless arrivals come from a trace, where it "
                         "rescales them).")
+    b.add_argument("--tenant", action="append", default=None, metavar="NAME=QPS[:API_KEY]",
+                   help="Per-tenant load (repeatable, instead of --qps): each tenant its own "
+                        "arrival stream at QPS, sent with API_KEY (a server key named for the "
+                        "tenant) or else with the `user` field set to NAME. --num-requests is the "
+                        "total, split in proportion to the rates. The report adds per-tenant TTFT, "
+                        "TBT, tokens/s and 429s. Example: --tenant flood=10 --tenant quiet=1")
     b.add_argument("--run-timeout", type=float, default=None,
                    help="Seconds for the whole run (default: last arrival + --timeout + 5); unfinished "
                         "requests then count as failed.")

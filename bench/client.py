@@ -124,13 +124,20 @@ async def _stream_one(client: httpx.AsyncClient, url: str, payload: dict, header
 
 async def _one(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpec,
                res: RequestResult, prompt, headers: dict, t0: float, timeout_s: float,
-               on_done: Callable[[RequestResult], None] | None) -> None:
+               on_done: Callable[[RequestResult], None] | None,
+               tenant_keys: dict[str, str] | None = None) -> None:
     delay = t0 + spec.arrival_s - time.perf_counter()
     if delay > 0:
         await asyncio.sleep(delay)
     payload = {"model": model, "prompt": prompt, "max_tokens": spec.output_tokens,
                "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
                "ignore_eos": True}
+    if spec.tenant is not None:
+        key = (tenant_keys or {}).get(spec.tenant)
+        if key is not None:
+            headers = _headers(key)
+        else:
+            payload["user"] = spec.tenant
     t_send = time.perf_counter()
     res.send_s = t_send - t0
     try:
@@ -153,12 +160,14 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpe
 async def run_load(workload: Workload, url: str, *, model: str | None = None,
                    api_key: str | None = None, timeout_s: float = 120.0,
                    run_timeout_s: float | None = None, prompts: PromptBuilder | None = None,
-                   on_done: Callable[[RequestResult], None] | None = None) -> RunResult:
+                   on_done: Callable[[RequestResult], None] | None = None,
+                   tenant_keys: dict[str, str] | None = None) -> RunResult:
     """Send every request of `workload` at its arrival time and record what came back.
 
     `timeout_s` bounds each request; `run_timeout_s` (default: last arrival + timeout_s + 5 s) bounds
     the whole run: at that deadline unfinished requests are cancelled and recorded as errors.
-    `on_done` is called as each request finishes (for progress display)."""
+    `on_done` is called as each request finishes (for progress display). A request with a
+    `tenant` is sent with that tenant's key from `tenant_keys`, or else as the `user` field."""
     prompts = prompts or PromptBuilder()
     headers = _headers(api_key)
     if model is None:
@@ -167,7 +176,7 @@ async def run_load(workload: Workload, url: str, *, model: str | None = None,
         run_timeout_s = workload.duration_s + timeout_s + 5.0
     target = completions_url(url)
     built = [prompts.prompt(spec) for spec in workload]  # before the clock starts, in arrival order
-    results = [RequestResult(i, s.prompt_tokens, s.output_tokens, s.arrival_s)
+    results = [RequestResult(i, s.prompt_tokens, s.output_tokens, s.arrival_s, tenant=s.tenant)
                for i, s in enumerate(workload)]
     n = max(1, min(len(workload), MAX_CONNECTIONS))
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
@@ -178,7 +187,7 @@ async def run_load(workload: Workload, url: str, *, model: str | None = None,
         started_at = time.time()
         t0 = time.perf_counter()
         tasks = [asyncio.create_task(_one(client, target, model, spec, res, prompt, headers, t0,
-                                          timeout_s, on_done))
+                                          timeout_s, on_done, tenant_keys))
                  for spec, res, prompt in zip(workload, results, built)]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=run_timeout_s)

@@ -99,9 +99,26 @@ def summarize(run: RunResult, slo: SLO | None = None, label: str | None = None,
         "e2e_s": latency_stats(r.e2e_s for r in ok if r.e2e_s is not None),
         "goodput": goodput(run.requests, slo, run.wall_s) if slo is not None and slo.active else None,
     }
+    tenants = sorted({r.tenant for r in run.requests if r.tenant is not None})
+    if tenants:
+        out["tenants"] = {t: tenant_stats([r for r in run.requests if r.tenant == t], run.wall_s)
+                          for t in tenants}
     if include_requests:
         out["requests"] = [r.to_dict() for r in run.requests]
     return out
+
+
+def tenant_stats(requests: Sequence[RequestResult], wall_s: float) -> dict:
+    """One tenant's share of a run: its latencies, its output tokens/s over the run's wall time
+    (so tenants' rates compare directly), and its rejections."""
+    ok = [r for r in requests if r.ok]
+    tokens = sum(r.output_tokens for r in ok)
+    return {"num_requests": len(requests), "num_ok": len(ok),
+            "num_429": sum(r.status == 429 for r in requests),
+            "num_errors": len(requests) - len(ok), "output_tokens": tokens,
+            "output_token_throughput": tokens / wall_s,
+            "ttft_s": latency_stats(r.ttft_s for r in ok if r.ttft_s is not None),
+            "tbt_s": latency_stats(g for r in ok for g in r.itl_s)}
 
 
 def _ms(v: float | None) -> str:
@@ -128,6 +145,14 @@ def format_table(s: dict) -> str:
         st = s[key]
         cols = "".join(f"{_ms(st[c]):>10}" for c in ("p50", "p90", "p99", "mean", "max"))
         lines.append(f"{name:<12}{cols}{st['count']:>8}")
+    if s.get("tenants"):
+        lines.append("")
+        lines.append(f"{'tenant':<12}{'ok/sent':>10}{'429':>6}{'TTFT p50':>10}{'TTFT p99':>10}"
+                     f"{'TBT p99':>10}{'out tok/s':>11}   (ms)")
+        for name, t in s["tenants"].items():
+            lines.append(f"{name[:12]:<12}{str(t['num_ok']) + '/' + str(t['num_requests']):>10}"
+                         f"{t['num_429']:>6}{_ms(t['ttft_s']['p50']):>10}{_ms(t['ttft_s']['p99']):>10}"
+                         f"{_ms(t['tbt_s']['p99']):>10}{t['output_token_throughput']:>11.1f}")
     g = s.get("goodput")
     if g:
         slos = ", ".join(x for x in (f"TTFT <= {_ms(g['ttft_slo_s'])} ms" if g["ttft_slo_s"] else "",

@@ -38,6 +38,8 @@ class RequestResult:
     """HTTP status of the response (None: no response)."""
     error: str | None = None
     """What went wrong (None: success)."""
+    tenant: str | None = None
+    """Per-tenant runs: the tenant it was sent as."""
 
     @property
     def ok(self) -> bool:

@@ -40,6 +40,9 @@ class RequestSpec:
     shared_prefix_tokens: int = 0
     """Tokens at the start of the prompt that every request of the workload shares (a system
     prompt)."""
+    tenant: str | None = None
+    """Per-tenant runs (`--tenant`): whose request it is (sent as its tenant's API key, or as the
+    `user` field)."""
 
 
 @dataclass
@@ -82,6 +85,8 @@ class Workload:
                     line["conversation"] = r.conversation
                 if r.shared_prefix_tokens:
                     line["shared_prefix_tokens"] = r.shared_prefix_tokens
+                if r.tenant is not None:
+                    line["tenant"] = r.tenant
                 f.write(json.dumps(line) + "\n")
 
     def summary(self) -> dict:
@@ -616,3 +621,56 @@ class PromptBuilder:
         missing = self._units(spec.prompt_tokens) - system_units - len(history)
         history += self._draw(max(1, missing))
         return self._join(self._system[:system_units] + history)
+
+
+# ---- several tenants -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TenantStream:
+    """One tenant of a per-tenant run: its own arrival stream at `qps`."""
+
+    name: str
+    qps: float
+    api_key: str | None = None
+    """Sent as `Authorization: Bearer` (the server maps it to the tenant); None: the tenant is
+    sent as the request's `user` field, with the run's --api-key if any."""
+
+    @classmethod
+    def parse(cls, text: str) -> "TenantStream":
+        """`name=qps[:api_key]`, e.g. `flood=10` or `a=2:sk-a`. Errors name the bad value."""
+        name, sep, rest = text.partition("=")
+        qps_text, _, key = rest.partition(":")
+        if not sep or not name:
+            raise ValueError(f"--tenant {text!r} must be name=qps[:api_key]")
+        try:
+            qps = float(qps_text)
+        except ValueError:
+            raise ValueError(f"--tenant {text!r}: qps {qps_text!r} is not a number") from None
+        if not qps > 0:
+            raise ValueError(f"--tenant {text!r}: qps must be > 0")
+        return cls(name, qps, key or None)
+
+
+def tenant_workload(cfg: WorkloadConfig, tenants: list[TenantStream]) -> Workload:
+    """One workload of `cfg` per tenant at its own rate (its own seed, so the streams are
+    independent), merged in arrival order. `cfg.num_requests` is the total, split in proportion
+    to the rates so every stream spans about the same time."""
+    names = [t.name for t in tenants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--tenant names must be distinct, got {names}")
+    if cfg.arrival == "trace" or cfg.trace_jsonl:
+        raise ValueError("--tenant needs generated arrivals (poisson, gamma or constant)")
+    if cfg.turns > 1:   # conversation ids would collide across the tenants' streams
+        raise ValueError("--tenant does not combine with --turns")
+    total_qps = sum(t.qps for t in tenants)
+    n = cfg.num_requests or 100
+    merged: list[RequestSpec] = []
+    parts = []
+    for i, t in enumerate(tenants):
+        n_t = max(1, round(n * t.qps / total_qps))
+        wl = build_workload(replace(cfg, num_requests=n_t, seed=cfg.seed + 1000 * i), t.qps)
+        merged.extend(replace(r, tenant=t.name) for r in wl)
+        parts.append(f"{t.name} {n_t} req at {t.qps:g} qps")
+    merged.sort(key=lambda r: r.arrival_s)
+    lengths = wl.description.split(", ", 1)[-1]   # the arrivals part is per tenant, above
+    return Workload(merged, f"tenants: {', '.join(parts)}; {cfg.arrival} arrivals, {lengths}")

@@ -109,6 +109,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "with the same tokens (system prompts, chat history), which then skip "
                         "computing them; unused ones are evicted LRU when memory is needed. "
                         "Every replica, prefill and decode ones included.")
+    s.add_argument("--tenant-weights", default="",
+                   help="Weighted fair share of admission across tenants, e.g. a=2,b=1: backlogged "
+                        "tenants get tokens computed in proportion to their weights, FCFS within "
+                        "a tenant; unlisted tenants weigh 1. A tenant is the API key's name "
+                        "(--api-key name=key) or the request's `user` field.")
+    s.add_argument("--tenant-scheduling", choices=["fair", "fcfs"], default="fair",
+                   help="fair (default): weighted fair share across tenants. fcfs: one queue in "
+                        "arrival order whatever the tenant (the behaviour before tenants; the "
+                        "baseline fair share is measured against).")
     s.add_argument("--trace-file", default=None,
                    help="Append one JSON line of per-iteration telemetry here (decode/prefill tokens, "
                         "sequences, budget, step time, preemptions).")
@@ -144,7 +153,8 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None = None):
             idle_token_budget=args.idle_token_budget, max_num_seqs=max_num_seqs,
             max_batched_tokens=args.max_batched_tokens or max(8192, max_len),
             block_size=args.block_size, max_model_len=max_len, watermark=args.watermark,
-            budget=budget, enable_prefix_caching=args.enable_prefix_caching)
+            budget=budget, enable_prefix_caching=args.enable_prefix_caching,
+            tenant_weights=args.tenant_weights, tenant_fair_share=args.tenant_scheduling == "fair")
         return EngineConfig(model_dir=str(model_dir), model_name=name, dtype=args.dtype,
                             compile=args.compile, quantization=args.quantization, device=args.device,
                             attention=args.attention, threads=args.threads, tp=args.tp, pp=args.pp,
@@ -278,32 +288,53 @@ def cmd_serve(args: argparse.Namespace) -> None:
     deployment = _deployment(args)
     engine_cfg = engine_config_from_args(args, deployment.model)
     _check_parallelism(deployment, engine_cfg)
+    gw_cfg = gateway_config_from_args(args, engine_cfg)   # bad gateway settings fail before replicas start
     launcher = _ray_launcher(args, deployment) if args.ray_address or args.ray else LocalLauncher()
     for spec in _replica_specs(deployment, engine_cfg, launcher, args.kv_timeout):
         launcher.start(spec)
     try:
-        asyncio.run(_serve_gateway(args, engine_cfg, launcher, deployment))
+        asyncio.run(_serve_gateway(args, gw_cfg, engine_cfg, launcher, deployment))
     finally:
         launcher.stop()
 
 
-async def _serve_gateway(args, engine_cfg, launcher, deployment) -> None:
+def _api_keys(values: list[str]) -> dict:
+    """`--api-key` values -> GatewayConfig's `api_key` (the anonymous one) and `api_keys`."""
+    from gateway.config import DEFAULT_TENANT, parse_api_key
+
+    pairs = [parse_api_key(v) for v in values]
+    anon = [key for name, key in pairs if name == DEFAULT_TENANT]
+    if len(anon) > 1:
+        raise SystemExit("error: more than one anonymous --api-key; name them (--api-key name=key)")
+    return {"api_key": anon[0] if anon else None,
+            "api_keys": tuple(p for p in pairs if p[0] != DEFAULT_TENANT)}
+
+
+def gateway_config_from_args(args: argparse.Namespace, engine_cfg):
+    from gateway.config import GatewayConfig
+
+    keys = args.api_key or ([os.environ["TANDEM_API_KEY"]] if os.environ.get("TANDEM_API_KEY") else [])
+    try:
+        return GatewayConfig(
+            host=args.host, port=args.port, model_name=engine_cfg.model_name,
+            max_model_len=engine_cfg.scheduler.max_model_len, **_api_keys(keys),
+            max_waiting_per_replica=args.max_waiting_per_replica,
+            tenant_max_waiting=args.tenant_max_waiting, max_user_tenants=args.max_user_tenants,
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+async def _serve_gateway(args, gw_cfg, engine_cfg, launcher, deployment) -> None:
     import uvicorn
 
     from cluster.launcher import Supervisor
     from engine.tokenizer import Tokenizer
     from gateway.app import create_app
-    from gateway.config import GatewayConfig
     from gateway.replica_client import ReplicaPool
     from gateway.routing import make_router
 
     _Server = _server_class()
-    gw_cfg = GatewayConfig(
-        host=args.host, port=args.port, model_name=engine_cfg.model_name,
-        max_model_len=engine_cfg.scheduler.max_model_len,
-        api_key=args.api_key or os.environ.get("TANDEM_API_KEY") or None,
-        max_waiting_per_replica=args.max_waiting_per_replica,
-    )
     pool = ReplicaPool(launcher.output_addr, {rid: s.input_addr for rid, s in launcher.specs.items()},
                        request_timeout_s=gw_cfg.request_timeout_s,
                        heartbeat_timeout_s=gw_cfg.heartbeat_timeout_s,
@@ -405,8 +436,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="Interface to listen on.")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port.")
-    serve.add_argument("--api-key", default=None,
-                       help="Require `Authorization: Bearer KEY` on /v1 (or set TANDEM_API_KEY).")
+    serve.add_argument("--api-key", action="append", default=None, metavar="[NAME=]KEY",
+                       help="Require `Authorization: Bearer KEY` on /v1 (or set TANDEM_API_KEY). "
+                            "Repeatable; NAME=KEY makes NAME the tenant of that key's requests "
+                            "(a bare KEY is the tenant `default`, whose requests may name their "
+                            "tenant in the `user` field).")
+    serve.add_argument("--tenant-max-waiting", type=int, default=None,
+                       help="Per-tenant quota: requests of one tenant admitted but not yet given "
+                            "their first token; beyond it 429 (tenant_quota_exceeded) with "
+                            "Retry-After. Default: no quota.")
+    serve.add_argument("--max-user-tenants", type=int, default=64,
+                       help="Most distinct tenants taken from the `user` field; later new values "
+                            "share the tenant `other` (bounds metrics labels and scheduler state).")
     serve.add_argument("--max-waiting-per-replica", type=int, default=256,
                        help="Requests accepted but not yet running, per healthy replica; beyond it "
                             "the gateway answers 429 with Retry-After.")

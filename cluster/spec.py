@@ -12,6 +12,10 @@ The same spec comes from `tandem serve` flags or from a YAML file (`tandem serve
       - {role: decode, count: 1, token_budget: 128}
       - {role: hybrid, count: 0}
 
+A group's other keys override the command line's engine and scheduler settings for its replicas
+(`SCHEDULER_KEYS`, `ENGINE_KEYS` below), e.g. `tenant_weights: {a: 2, b: 1}` or
+`tenant_fair_share: false` (= `--tenant-weights a=2,b=1`, `--tenant-scheduling fcfs`).
+
 A group can span several devices (for a Ray cluster; until the parallel engine exists
 `tandem serve` refuses tp or pp > 1):
 
@@ -227,7 +231,8 @@ ENGINE_KEYS = ("dtype", "kv_cache_gb", "num_kv_blocks", "threads")
 SCHEDULER_KEYS = {"scheduler": "policy", "token_budget": "token_budget",
                   "idle_token_budget": "idle_token_budget", "max_num_seqs": "max_num_seqs",
                   "max_batched_tokens": "max_batched_tokens", "watermark": "watermark",
-                  "enable_prefix_caching": "enable_prefix_caching"}
+                  "enable_prefix_caching": "enable_prefix_caching",
+                  "tenant_weights": "tenant_weights", "tenant_fair_share": "tenant_fair_share"}
 
 
 def apply_overrides(engine_cfg, overrides: dict[str, Any]):

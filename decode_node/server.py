@@ -91,7 +91,8 @@ class DecodeServer(ReplicaServer):
         info = msg.remote_prefill
         if info is None:
             return super().handle_add(msg)
-        result = self.engine.add_remote_prefill(msg.request_id, msg.prompt_token_ids, msg.sampling)
+        result = self.engine.add_remote_prefill(msg.request_id, msg.prompt_token_ids, msg.sampling,
+                                                tenant=msg.tenant)
         if result is None:   # no room beyond what the waiting queue needs: queued for a local prefill
             self._events.append({"state": "skipped", "reason": "no_free_blocks", "fallback": "local"})
             return []
@@ -114,7 +115,7 @@ class DecodeServer(ReplicaServer):
         prefill_sampling = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         self._to_prefill(info["prefill_addr"], protocol.AddRequest(
             msg.request_id + PREFILL_SUFFIX, msg.prompt_token_ids, prefill_sampling, time.time(),
-            kv_target=target))
+            kv_target=target, tenant=msg.tenant))
         return []
 
     def _cancel(self, info: dict) -> None:

@@ -17,8 +17,8 @@ from engine.protocol import ReplicaStats, RequestOutput
 from engine.runner import ModelRunner
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from scheduler.core import AdmissionError
-from scheduler.request import FinishReason, Request, SamplingParams
 from scheduler.config import STEP_MODEL_BUDGETS
+from scheduler.request import DEFAULT_TENANT, FinishReason, Request, SamplingParams
 from scheduler.policies import make_scheduler
 from scheduler.telemetry import IterationStats, iteration_stats
 
@@ -49,25 +49,28 @@ class EngineCore:
     # -- requests in ------------------------------------------------------------------------
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-        arrival_time: float | None = None,
+        arrival_time: float | None = None, tenant: str = DEFAULT_TENANT,
     ) -> RequestOutput | None:
         """Queue a request; returns an error output right away if it can never run here."""
-        return self._add(request_id, prompt_token_ids, sampling, arrival_time, remote=False)
+        return self._add(request_id, prompt_token_ids, sampling, arrival_time, remote=False,
+                         tenant=tenant)
 
     def add_remote_prefill(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-        arrival_time: float | None = None,
+        arrival_time: float | None = None, tenant: str = DEFAULT_TENANT,
     ) -> Request | RequestOutput | None:
         """Decode side of disaggregation: reserve blocks for a prompt whose KV another replica
         will push. Returns the Request (its `block_ids` are where the KV goes), an error output,
         or None when there is no room right now -- then it was queued for a local prefill."""
-        return self._add(request_id, prompt_token_ids, sampling, arrival_time, remote=True)
+        return self._add(request_id, prompt_token_ids, sampling, arrival_time, remote=True,
+                         tenant=tenant)
 
-    def _add(self, request_id, prompt_token_ids, sampling, arrival_time, remote: bool):
+    def _add(self, request_id, prompt_token_ids, sampling, arrival_time, remote: bool,
+             tenant: str = DEFAULT_TENANT):
         request = Request(
             request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling=sampling,
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-            eos_token_ids=self.eos_token_ids,
+            eos_token_ids=self.eos_token_ids, tenant=tenant,
         )
         bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
         reserved = False

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from scheduler.request import SamplingParams
+from scheduler.request import DEFAULT_TENANT, SamplingParams
 from scheduler.telemetry import IterationStats
 
 
@@ -35,6 +35,9 @@ class AddRequest:
     """To a prefill replica: compute the prompt and push its KV to a decode replica.
     {"transfer_id", "request_id" (decode side), "kv_addr", "decode_replica", "dst_block_ids",
     "skip_tokens" (the prompt's prefix the decode replica has cached: not to be sent)}."""
+    tenant: str = DEFAULT_TENANT
+    """Who the request is for: the scheduler's fair share is per tenant. The default lets frames
+    from a gateway that predates tenants decode."""
 
 
 @dataclass

@@ -111,7 +111,8 @@ class ReplicaServer:
 
     # -- hooks for the node servers ---------------------------------------------------------
     def handle_add(self, msg: protocol.AddRequest) -> list[protocol.RequestOutput]:
-        err = self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.sampling)
+        err = self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.sampling,
+                                      tenant=msg.tenant)
         return [err] if err else []
 
     def handle_abort(self, msg: protocol.AbortRequests) -> list[protocol.RequestOutput]:

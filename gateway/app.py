@@ -65,7 +65,7 @@ def create_app(config: GatewayConfig, tokenizer: Tokenizer, pool: ReplicaPool) -
     app.state.config = config
     app.state.pool = pool
     app.state.metrics = metrics
-    app.add_middleware(RequestContextMiddleware, api_key=config.api_key)
+    app.add_middleware(RequestContextMiddleware, api_keys=config.all_api_keys)
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:

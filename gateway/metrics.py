@@ -1,10 +1,14 @@
 """Prometheus metrics of the gateway, in a registry per app (tests create many apps).
 
-Names follow vLLM's (`tandem:` instead of `vllm:`); everything is labelled by `replica`.
+Names follow vLLM's (`tandem:` instead of `vllm:`); everything is labelled by `replica`, except
+the `tandem:tenant_*` family, labelled by `tenant` (bounded: configured key names, plus at most
+`max_user_tenants` values of the `user` field and "other"; gateway/tenants.py).
 Per-request histograms/counters are observed by the request handlers; the replica gauges are
 refreshed from the latest ReplicaStats each time `/metrics` is scraped.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -93,6 +97,27 @@ class GatewayMetrics:
         self.prefix_cache_hits = Counter(
             "tandem:prefix_cache_hits", "Tokens found in the replica's prefix cache at admission: "
             "their KV was reused, not computed.", ["replica"], registry=r)
+        self.tenant_time_to_first_token = Histogram(
+            "tandem:tenant_time_to_first_token_seconds",
+            "Gateway arrival to first generated token, per tenant.", ["tenant"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.tenant_inter_token_latency = Histogram(
+            "tandem:tenant_inter_token_latency_seconds",
+            "Time between consecutive outputs of a request, per tenant.", ["tenant"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.tenant_prompt_tokens = Counter(
+            "tandem:tenant_prompt_tokens", "Prompt tokens of finished requests, per tenant.",
+            ["tenant"], registry=r)
+        self.tenant_generation_tokens = Counter(
+            "tandem:tenant_generation_tokens", "Generated tokens, per tenant.", ["tenant"],
+            registry=r)
+        self.tenant_requests_rejected = Counter(
+            "tandem:tenant_requests_rejected", "Requests refused before reaching a replica, per "
+            "tenant: tenant_quota (429), overloaded (429) or unavailable (503).",
+            ["tenant", "reason"], registry=r)
+        self.tenant_requests_waiting = Gauge(
+            "tandem:tenant_requests_waiting", "Requests of the tenant admitted and still waiting "
+            "for their first token (what --tenant-max-waiting bounds).", ["tenant"], registry=r)
         self._prefix_seen: dict[str, tuple[int, int]] = {}
         """Replica -> its (queries, hits) totals at the last refresh: the counters add the rest."""
         self.slo_infeasible_steps = Counter(
@@ -153,13 +178,22 @@ class GatewayMetrics:
 
 
 class RequestTimer:
-    """Observes one request's latencies as its outputs arrive."""
+    """Observes one request's latencies as its outputs arrive. `on_started` is called once, at
+    its first token or, if none comes, when it ends (the per-tenant quota's release)."""
 
-    def __init__(self, metrics: GatewayMetrics, replica_id: str, start: float) -> None:
+    def __init__(self, metrics: GatewayMetrics, replica_id: str, start: float,
+                 tenant: str = "default", on_started: Callable[[], None] | None = None) -> None:
         self.m = metrics
         self.replica = replica_id
+        self.tenant = tenant
         self.start = start
         self.last: float | None = None
+        self._on_started = on_started
+
+    def _started(self) -> None:
+        if self._on_started is not None:
+            callback, self._on_started = self._on_started, None
+            callback()
 
     def on_output(self, now: float, num_new_tokens: int, queue_time: float | None) -> None:
         if queue_time is not None:
@@ -168,12 +202,18 @@ class RequestTimer:
             return
         if self.last is None:
             self.m.time_to_first_token.labels(replica=self.replica).observe(now - self.start)
+            self.m.tenant_time_to_first_token.labels(tenant=self.tenant).observe(now - self.start)
+            self._started()
         else:
             self.m.inter_token_latency.labels(replica=self.replica).observe(now - self.last)
+            self.m.tenant_inter_token_latency.labels(tenant=self.tenant).observe(now - self.last)
         self.last = now
         self.m.generation_tokens.labels(replica=self.replica).inc(num_new_tokens)
+        self.m.tenant_generation_tokens.labels(tenant=self.tenant).inc(num_new_tokens)
 
     def on_finish(self, now: float, finish_reason: str, num_prompt_tokens: int) -> None:
+        self._started()
         self.m.e2e_request_latency.labels(replica=self.replica).observe(now - self.start)
         self.m.prompt_tokens.labels(replica=self.replica).inc(num_prompt_tokens)
+        self.m.tenant_prompt_tokens.labels(tenant=self.tenant).inc(num_prompt_tokens)
         self.m.request_success.labels(replica=self.replica, finished_reason=finish_reason).inc()

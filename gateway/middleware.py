@@ -7,6 +7,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,12 +22,15 @@ MAX_BODY_BYTES = 4 * 2**20
 class RequestContextMiddleware:
     """Echo (or create) x-request-id, check the bearer key on /v1/*, cap the body size, and log
     the request when it ends. Handlers put `prompt_tokens`, `completion_tokens` and
-    `finish_reason` into `request.state` for the access log."""
+    `finish_reason` into `request.state` for the access log.
 
-    def __init__(self, app: ASGIApp, api_key: str | None,
+    `api_keys`: accepted keys as (tenant, key) pairs (none: /v1 is open). The matching key's
+    tenant goes into `request.state.key_tenant` (None when /v1 is open)."""
+
+    def __init__(self, app: ASGIApp, api_keys: Sequence[tuple[str, str]] = (),
                  max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.app = app
-        self.api_key = api_key
+        self.bearers = [(tenant, f"Bearer {key}".encode()) for tenant, key in api_keys]
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -49,7 +53,7 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            error = self._check_auth(scope, headers)
+            error = self._check_auth(scope, headers, state)
             if error is None and scope.get("method") in ("POST", "PUT", "PATCH"):
                 body, error = await self._read_body(headers, receive)
                 if body is None and error is None:
@@ -63,11 +67,20 @@ class RequestContextMiddleware:
         finally:
             self._log(scope, state, status["code"], time.perf_counter() - start)
 
-    def _check_auth(self, scope: Scope, headers: dict[bytes, bytes]) -> APIError | None:
-        if self.api_key is None or not scope.get("path", "").startswith("/v1"):
+    def _check_auth(self, scope: Scope, headers: dict[bytes, bytes],
+                    state: dict) -> APIError | None:
+        state["key_tenant"] = None
+        if not self.bearers or not scope.get("path", "").startswith("/v1"):
             return None
         given = headers.get(b"authorization", b"")
-        if hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+        # Compare against every key, without stopping at a match, so the time taken does not
+        # tell which key (or how much of one) matched.
+        tenant = None
+        for name, bearer in self.bearers:
+            if hmac.compare_digest(given, bearer):
+                tenant = name
+        if tenant is not None:
+            state["key_tenant"] = tenant
             return None
         return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                         code="invalid_api_key")
@@ -100,6 +113,7 @@ class RequestContextMiddleware:
         access_log.info(json.dumps({
             "request_id": state.get("request_id"), "method": scope.get("method"),
             "path": scope.get("path"), "status": status, "latency_s": round(latency, 6),
+            "tenant": state.get("tenant"),
             "prompt_tokens": state.get("prompt_tokens"),
             "completion_tokens": state.get("completion_tokens"),
             "finish_reason": state.get("finish_reason"),

@@ -32,7 +32,7 @@ from engine.protocol import (
 )
 from gateway.replica_state import ReplicaState
 from gateway.routing import Placement, RoundRobin, RouteRequest, Router, charge, prefill_landed, release
-from scheduler.request import SamplingParams
+from scheduler.request import DEFAULT_TENANT, SamplingParams
 from scheduler.telemetry import IterationStats
 
 if TYPE_CHECKING:
@@ -54,8 +54,10 @@ class RequestStream:
     call `abort()` if you stop early. Created by `ReplicaPool.submit`."""
 
     def __init__(self, pool: "ReplicaPool", request_id: str, prompt_token_ids: Sequence[int],
-                 sampling: SamplingParams, deadline: float) -> None:
+                 sampling: SamplingParams, deadline: float, tenant: str = DEFAULT_TENANT) -> None:
         self.request_id = request_id
+        self.tenant = tenant
+        """Whose request it is (sent along, and again if it moves to another replica)."""
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling = sampling
         self.deadline = deadline
@@ -249,13 +251,16 @@ class ReplicaPool:
     # ---- requests --------------------------------------------------------------------------
 
     async def submit(self, request_id: str, prompt_token_ids: Sequence[int],
-                     sampling: SamplingParams, max_waiting: int | None = None) -> RequestStream:
+                     sampling: SamplingParams, max_waiting: int | None = None,
+                     tenant: str = DEFAULT_TENANT) -> RequestStream:
         """Place one request on a replica and send it (see `submit_many`)."""
-        return (await self.submit_many([(request_id, prompt_token_ids, sampling)], max_waiting))[0]
+        return (await self.submit_many([(request_id, prompt_token_ids, sampling)], max_waiting,
+                                       tenant))[0]
 
     async def submit_many(self, items: Sequence[tuple[str, Sequence[int], SamplingParams]],
-                          max_waiting: int | None = None) -> list[RequestStream]:
-        """Place and send several requests, all or none. Each goes to a healthy replica with
+                          max_waiting: int | None = None,
+                          tenant: str = DEFAULT_TENANT) -> list[RequestStream]:
+        """Place and send several requests of `tenant`, all or none. Each goes to a healthy replica with
         fewer than `max_waiting` waiting requests (None: no bound); raises `Overloaded` if some
         cannot be placed, `NoHealthyReplica` if none is healthy or a send fails. Placement and
         registration happen before the first await, so concurrent callers cannot overshoot."""
@@ -279,7 +284,7 @@ class ReplicaPool:
                     self._finish(stream)
                 raise Overloaded(f"every healthy replica ({len(healthy)}) already has "
                                  f"{max_waiting} requests waiting")
-            placed.append(self._place(rid, prompt, sampling, placement, now))
+            placed.append(self._place(rid, prompt, sampling, placement, now, tenant))
         targets = [stream.replica_id for stream, _ in placed]
         try:
             for (stream, msg), target in zip(placed, targets):
@@ -297,8 +302,9 @@ class ReplicaPool:
         return [stream for stream, _ in placed]
 
     def _place(self, rid: str, prompt: Sequence[int], sampling: SamplingParams,
-               placement: Placement, now: float) -> tuple[RequestStream, AddRequest]:
-        stream = RequestStream(self, rid, prompt, sampling, now + self.request_timeout_s)
+               placement: Placement, now: float,
+               tenant: str = DEFAULT_TENANT) -> tuple[RequestStream, AddRequest]:
+        stream = RequestStream(self, rid, prompt, sampling, now + self.request_timeout_s, tenant)
         self._streams[rid] = stream
         return stream, self._assign(stream, placement)
 
@@ -308,7 +314,8 @@ class ReplicaPool:
         stream.replica_id = replica.replica_id
         charge(placement, stream.load_tokens)
         self.route_decisions[placement.decision] += 1
-        msg = AddRequest(stream.request_id, stream.prompt_token_ids, stream.sampling, time.time())
+        msg = AddRequest(stream.request_id, stream.prompt_token_ids, stream.sampling, time.time(),
+                         tenant=stream.tenant)
         if prefill is not None:
             stream.prefill_replica_id = prefill.replica_id
             msg.remote_prefill = {"transfer_id": f"kv-{uuid.uuid4().hex[:16]}",

@@ -28,6 +28,7 @@ from gateway.responses import (
     completion_chunk, completion_response, now_ts, usage_chunk,
 )
 from gateway.sse import SSEResponse, sse, wait_disconnect
+from gateway.tenants import Tenants
 
 if TYPE_CHECKING:
     from gateway.app import Tokenizer
@@ -126,6 +127,7 @@ class Serving:
     def __init__(self, config: "GatewayConfig", tokenizer: "Tokenizer", pool: "ReplicaPool",
                  metrics: "GatewayMetrics") -> None:
         self.config, self.tokenizer, self.pool, self.metrics = config, tokenizer, pool, metrics
+        self.tenants = Tenants(config)
         self.token_text = functools.lru_cache(maxsize=1 << 16)(
             lambda t: tokenizer.decode([t], skip_special_tokens=False))
 
@@ -224,29 +226,49 @@ class Serving:
 
     # ---- admission and results -------------------------------------------------------------
     async def _admit(self, request: Request, chat: bool, choices: list[Choice],
-                     start: float) -> str:
+                     start: float, user: str | None = None) -> str:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{request.state.request_id}"
         sub_ids = [rid] if len(choices) == 1 else [f"{rid}-{c.index}" for c in choices]
         if any(self.pool.has_request(s) for s in sub_ids):
             suffix = uuid.uuid4().hex[:8]
             rid, sub_ids = f"{rid}-{suffix}", [f"{s}-{suffix}" for s in sub_ids]
         items = [(s, c.prompt_ids, c.sampling) for s, c in zip(sub_ids, choices)]
+        tenant = self.tenants.resolve(getattr(request.state, "key_tenant", None), user)
+        request.state.tenant = tenant
+        rejected = self.metrics.tenant_requests_rejected
         try:
-            streams = await self.pool.submit_many(items, self.config.max_waiting_per_replica)
-        except Overloaded as exc:
-            self.metrics.requests_rejected.labels(reason="overloaded").inc()
-            raise overloaded(f"The server is over capacity ({exc}); retry later.") from exc
-        except NoHealthyReplica as exc:
+            self.tenants.acquire(tenant, len(choices))
+        except APIError:
+            rejected.labels(tenant=tenant, reason="tenant_quota").inc()
+            raise
+        waiting = self.metrics.tenant_requests_waiting.labels(tenant=tenant)
+        try:
+            streams = await self.pool.submit_many(items, self.config.max_waiting_per_replica,
+                                                  tenant)
+        except (Overloaded, NoHealthyReplica) as exc:
+            for _ in choices:
+                self.tenants.release(tenant)
+            if isinstance(exc, Overloaded):
+                self.metrics.requests_rejected.labels(reason="overloaded").inc()
+                rejected.labels(tenant=tenant, reason="overloaded").inc()
+                raise overloaded(f"The server is over capacity ({exc}); retry later.") from exc
             self.metrics.requests_rejected.labels(reason="unavailable").inc()
+            rejected.labels(tenant=tenant, reason="unavailable").inc()
             raise unavailable(f"No replica is available ({exc}); retry later.") from exc
+        waiting.inc(len(choices))
+
+        def started() -> None:
+            self.tenants.release(tenant)
+            waiting.dec()
+
         for c, stream in zip(choices, streams):
             c.stream = stream
-            c.timer = RequestTimer(self.metrics, stream.replica_id, start)
+            c.timer = RequestTimer(self.metrics, stream.replica_id, start, tenant, started)
         return rid
 
     async def _serve(self, request: Request, body: _SamplingFields, choices: list[Choice],
                      chat: bool, start: float) -> Response:
-        rid = await self._admit(request, chat, choices, start)
+        rid = await self._admit(request, chat, choices, start, body.user)
         prompt_tokens = sum(len(c.prompt_ids) for c in choices) // body.num_choices
         request.state.prompt_tokens = prompt_tokens
         streams = [c.stream for c in choices]

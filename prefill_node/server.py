@@ -90,7 +90,8 @@ class PrefillServer(ReplicaServer):
             error = (f"the decode replica has {len(rank_addrs)} ranks, this prefill replica "
                      f"{self._ranks} (KV shards go rank i -> rank i)")
         else:
-            result = self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.sampling)
+            result = self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.sampling,
+                                             tenant=msg.tenant)
             error = result.error if result is not None else None
         if error is not None:
             sender.send_abort(tid, f"prefill replica {self.replica_id} refused it: {error}",

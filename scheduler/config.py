@@ -59,6 +59,37 @@ class BudgetConfig:
             raise ValueError(f"max_budget ({self.max_budget}) must be >= tile ({self.tile})")
 
 
+def parse_tenant_weights(value) -> tuple[tuple[str, float], ...]:
+    """Tenant weights as sorted (name, weight) pairs, from pairs (lists after msgpack/JSON), a
+    mapping, or the command line's "a=2,b=1". Errors name the bad entry."""
+    if isinstance(value, str):
+        pairs = []
+        for item in filter(None, (p.strip() for p in value.split(","))):
+            name, sep, weight = item.partition("=")
+            if not sep:
+                raise ValueError(f"tenant weight {item!r} must be name=weight")
+            try:
+                pairs.append((name.strip(), float(weight)))
+            except ValueError:
+                raise ValueError(f"tenant weight {item!r}: {weight!r} is not a number") from None
+        value = pairs
+    elif isinstance(value, dict):
+        value = list(value.items())
+    out: dict[str, float] = {}
+    for entry in value:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+            raise ValueError(f"tenant weight {entry!r} must be a (name, weight) pair")
+        name, weight = entry
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tenant name must be a non-empty string, got {name!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            raise ValueError(f"weight of tenant {name!r} must be a number > 0, got {weight!r}")
+        if name in out:
+            raise ValueError(f"tenant {name!r} has more than one weight")
+        out[name] = float(weight)
+    return tuple(sorted(out.items()))
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     policy: str = "sarathi"
@@ -92,8 +123,19 @@ class SchedulerConfig:
     prefix, which then start with those tokens computed; unused cached blocks are evicted least
     recently used first when memory is needed (scheduler/block_manager.py). Off: every request
     computes its whole prompt."""
+    tenant_weights: tuple[tuple[str, float], ...] = ()
+    """Weighted fair share of admission across tenants (`Request.tenant`): ((name, weight), ...),
+    or a mapping, normalised to pairs sorted by name. A backlogged tenant gets tokens computed in
+    proportion to its weight; tenants not listed weigh 1 (scheduler/tenants.py)."""
+    tenant_fair_share: bool = True
+    """Admit weighted-fair across tenants, FCFS within each. False: one FCFS queue whatever the
+    tenant (the behaviour before tenants existed; the baseline the fair share is measured against).
+    With a single tenant both are the same."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "tenant_weights", parse_tenant_weights(self.tenant_weights))
+        if not isinstance(self.tenant_fair_share, bool):
+            raise ValueError(f"tenant_fair_share must be a bool, got {self.tenant_fair_share!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown scheduler policy {self.policy!r}; choose from {POLICIES}")
         if not isinstance(self.idle_token_budget, int) or self.idle_token_budget < 0:

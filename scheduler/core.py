@@ -19,7 +19,6 @@ all of this changes nothing.
 """
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ from scheduler.budget import BudgetController, StaticBudget, StepFeatures
 from scheduler.config import SchedulerConfig
 from scheduler.request import FinishReason, Request, RequestStatus
 from scheduler.telemetry import IterationStats
+from scheduler.tenants import WaitingQueue
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,8 @@ class Scheduler:
         self.budget = budget or StaticBudget(config.token_budget)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.watermark_blocks = int(config.watermark * num_blocks)
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue(dict(config.tenant_weights), config.tenant_fair_share)
+        """Weighted-fair across tenants, FCFS within one; a plain FIFO with a single tenant."""
         self.running: list[Request] = []
         self.remote_prefill: dict[str, Request] = {}
         """Decode side of disaggregation: requests holding blocks while their KV is pushed here."""
@@ -316,6 +317,9 @@ class Scheduler:
                       chunked: bool, oversize_first: bool = False) -> int:
         """Admit waiting requests FCFS while they fit; a head that does not fit blocks the queue.
 
+        With several tenants the head is the fair one (`WaitingQueue.head`): FCFS within a
+        tenant, weighted-fair across them, and a head that does not fit still blocks the queue.
+
         `chunked`: the last admitted prompt may be cut to the remaining tokens. Otherwise prompts
         go whole and must fit in `limit - used`, except that with `oversize_first` the first
         prompt of an iteration goes whole even past the limit (so long prompts are not starved).
@@ -323,8 +327,9 @@ class Scheduler:
         are never in flight: only running ones are scheduled, and preemption spares those.)
         """
         first = True
+        admitted: dict[str, int] = {}   # tokens per tenant this step, charged only at `schedule`
         while self.waiting and used < limit and not out.preempted_ids:
-            request = self.waiting[0]
+            request = self.waiting.head(admitted)
             cached = self.cached_tokens(request)
             need = request.num_uncomputed_tokens - cached
             if not chunked and need > limit - used and not (oversize_first and first):
@@ -335,6 +340,7 @@ class Scheduler:
                 break
             out.chunks.append(ScheduledChunk(request, n))
             used += n
+            admitted[request.tenant] = admitted.get(request.tenant, 0) + n
             first = False
         return used
 
@@ -373,6 +379,9 @@ class Scheduler:
         out = self.plan(now)
         out.features = StepFeatures.of(out.chunks)
         self.in_flight.update(c.request.request_id for c in out.chunks)
+        # Fair-share service is what a batch computes for each tenant, prefill and decode alike.
+        for c in out.chunks:
+            self.waiting.charge(c.request.tenant, c.num_tokens)
         return out
 
     def plan(self, now: float) -> SchedulerOutput:  # pragma: no cover - abstract

@@ -11,6 +11,9 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+DEFAULT_TENANT = "default"
+"""The tenant of a request that names none (an anonymous API key and no `user` field)."""
+
 MAX_LOGPROBS = 20
 """Most top alternatives a request may ask for per token (OpenAI chat allows 20)."""
 
@@ -122,6 +125,9 @@ class Request:
     """Model EOS ids (from its config); ignored when `sampling.ignore_eos`."""
     max_model_len: int | None = None
     """Context limit: the request finishes with "length" when it holds this many tokens."""
+    tenant: str = DEFAULT_TENANT
+    """Who the request is for (the gateway's API key name or `user`); admission is weighted-fair
+    across tenants and FCFS within one (scheduler/tenants.py)."""
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

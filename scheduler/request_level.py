@@ -17,12 +17,14 @@ class RequestLevelScheduler(Scheduler):
             self.schedule_decodes(out)
             return out
         used = 0
+        admitted: dict[str, int] = {}   # tokens per tenant this step (see `admit_waiting`)
         while self.waiting:
-            request = self.waiting[0]
+            request = self.waiting.head(admitted)
             need = request.num_uncomputed_tokens - self.cached_tokens(request)
             full = request.num_tokens + request.sampling.max_tokens - request.num_output_tokens
             if used + need > limit or not self.admit(request, now, reserve_tokens=full):
                 break
             out.chunks.append(ScheduledChunk(request, need))
             used += need
+            admitted[request.tenant] = admitted.get(request.tenant, 0) + need
         return out

@@ -93,3 +93,17 @@ def test_lost_replica_is_readmitted_only_by_a_new_process(tmp_path):
         return still_lost, same_pid_lost, back, restarts
 
     assert asyncio.run(run()) == (True, True, True, 1)
+
+
+def test_a_moved_request_keeps_its_tenant(tmp_path):
+    async def run():
+        pool, sent = await make_pool(tmp_path)
+        stream = await pool.submit("r0", [1, 2, 3], SamplingParams(max_tokens=4), tenant="acme")
+        pool.replica_lost(stream.replica_id, "test")
+        await asyncio.sleep(0.05)
+        await pool.close()
+        return sent
+
+    sent = asyncio.run(run())
+    tenants = [(rid, m.tenant) for rid, m in sent if isinstance(m, AddRequest)]
+    assert tenants == [("a", "acme"), ("b", "acme")], tenants
