@@ -399,20 +399,35 @@ def cmd_bench_engine(args: argparse.Namespace) -> None:
                      prefill_len=args.prefill_len, repeats=args.repeats)
 
 
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines file, gzipped when its name ends in .gz."""
+    import gzip
+    import json
+
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def cmd_profile(args: argparse.Namespace) -> None:
     from engine.profiler import profile, save_profile
     from engine.runner import ModelRunner
     from engine.model_config import ModelConfig
-    from scheduler.budget import StepTimeModel
+    from scheduler.budget import StepTimeModel, samples_from_trace
     from scheduler.policies import profiled_budget
 
     cfg = engine_config_from_args(args)
-    if cfg.threads:
-        import torch
+    if args.from_trace:
+        try:
+            samples = [s for path in args.from_trace for s in samples_from_trace(read_jsonl(path))]
+        except (OSError, ValueError, TypeError) as e:
+            sys.exit(f"tandem profile --from-trace: {e}")
+    else:
+        if cfg.threads:
+            import torch
 
-        torch.set_num_threads(cfg.threads)
-    runner = ModelRunner(cfg, ModelConfig.from_dir(cfg.model_dir))
-    samples = profile(runner, cfg.scheduler, repeats=args.repeats)
+            torch.set_num_threads(cfg.threads)
+        runner = ModelRunner(cfg, ModelConfig.from_dir(cfg.model_dir))
+        samples = profile(runner, cfg.scheduler, repeats=args.repeats)
     save_profile(samples, args.out)
     model = StepTimeModel.fit(samples)
     print(f"wrote {len(samples)} samples to {args.out}")
@@ -490,6 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(prof)
     prof.add_argument("--out", default="tandem-profile.json", help="Where to write the profile.")
     prof.add_argument("--repeats", type=int, default=3, help="Timed forwards per grid point.")
+    prof.add_argument("--from-trace", nargs="+", metavar="STEPS_JSONL", default=None,
+                      help="Fit the profile from served steps instead of timing a grid: the "
+                           "per-step telemetry `tandem serve --trace-file` wrote (.jsonl or "
+                           ".jsonl.gz; several files pool), timed as the serving loop ran them. "
+                           "Serve a calibration workload of its own for this, not the one you "
+                           "then simulate.")
     prof.add_argument("--slo-ms", type=float, nargs="+", default=[50, 100, 200, 400],
                       help="TBT SLOs to print the chosen budget for.")
     prof.set_defaults(func=cmd_profile)

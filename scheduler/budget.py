@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Protocol
 
 import numpy as np
@@ -413,3 +413,22 @@ class SloBudget:
         predicted = np.maximum(np.array(self._res_x) @ self._coef, 1e-6)
         ratio = np.array(self._res_y) / predicted
         self.correction = float(np.quantile(ratio, self.quantile))
+
+
+def samples_from_trace(rows: Iterable[dict]) -> list[ProfileSample]:
+    """Profile samples from a replica's step telemetry (`tandem serve --trace-file`): every step
+    that computed something, timed as the serving loop ran it -- in the server process, beside
+    the gateway and its clients, detokenizing included -- which a grid profiled in isolation
+    does not see. Rows are `IterationStats` records (plus the `replica` that wrote them); rows
+    from replicas that did not record step features (`decode_context`, `prefill_attention`)
+    cannot be fitted and are refused by name."""
+    names = {f.name for f in fields(IterationStats)}
+    samples = []
+    for row in rows:
+        if "decode_context" not in row:
+            raise ValueError(f"trace row of iteration {row.get('iteration')!r} has no step features "
+                             "(decode_context, prefill_attention): written by an older replica")
+        stats = IterationStats(**{k: v for k, v in row.items() if k in names})
+        if stats.num_seqs:
+            samples.append(ProfileSample(stats.features, stats.step_time))
+    return samples

@@ -208,6 +208,68 @@ def test_profiles_in_the_old_format_still_load():
     assert samples_from_json(samples_to_json([s])) == [s]
 
 
+def served_trace(coef: list[float], steps: int = 300) -> list[dict]:
+    """What `tandem serve --trace-file` writes for a replica whose steps cost exactly `coef`:
+    sarathi stepping a random workload, every step's record as the engine builds it."""
+    from dataclasses import asdict
+
+    from scheduler.telemetry import iteration_stats
+
+    rng = random.Random(3)
+    sched = make_scheduler(config("sarathi", token_budget=128), 512)
+    truth, rows, now = StepTimeModel(coef), [], 0.0
+    for i in range(steps):
+        if rng.random() < 0.3:
+            sched.add_request(make_request(i, rng.randint(8, 200), rng.randint(1, 40), now))
+        out = sched.schedule(now)
+        if out.is_empty:
+            continue
+        dt = truth.predict(StepFeatures.of(out.chunks))
+        now += dt
+        sched.update(out, {c.request.request_id: 0 for c in out.chunks if c.samples}, now)
+        stats = iteration_stats(sched, out, iteration=len(rows), time=now, step_time=dt)
+        rows.append({"replica": "hybrid-0", **asdict(stats)})
+    return rows
+
+
+def test_a_profile_fitted_on_served_steps_predicts_them():
+    """`tandem profile --from-trace`: the served steps' own features, fitted."""
+    from scheduler.budget import samples_from_trace
+
+    coef = [0.05, 4e-4, 1e-3, 3e-6, 1.5e-6, 2e-4]
+    rows = served_trace(coef)
+    samples = samples_from_trace(rows)
+    assert len(samples) == len(rows) > 100
+    assert {s.features.decodes > 0 for s in samples} == {True, False}
+    fitted = StepTimeModel.fit(samples)
+    for s in samples:
+        assert fitted.predict(s.features) == pytest.approx(s.step_time, rel=1e-6)
+    old = [{k: v for k, v in rows[0].items() if k not in ("decode_context", "prefill_attention")}]
+    with pytest.raises(ValueError, match="no step features"):
+        samples_from_trace(old)
+
+
+def test_profile_from_trace_command(tmp_path):
+    import gzip
+    import json
+
+    from cluster.cli import build_parser
+    from engine.profiler import load_profile
+
+    trace = tmp_path / "steps.jsonl.gz"
+    with gzip.open(trace, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in served_trace([0.05, 4e-4, 1e-3, 3e-6, 1.5e-6, 2e-4]))
+    out = tmp_path / "profile.json"
+    args = build_parser().parse_args(["profile", "--from-trace", str(trace), "--out", str(out)])
+    args.func(args)
+    assert len(load_profile(out)) > 100
+    bad = tmp_path / "old.jsonl"
+    bad.write_text(json.dumps({"iteration": 0, "step_time": 0.1}) + "\n")
+    args = build_parser().parse_args(["profile", "--from-trace", str(bad), "--out", str(out)])
+    with pytest.raises(SystemExit, match="no step features"):
+        args.func(args)
+
+
 def test_feedback_policy_wires_through_make_scheduler():
     cfg = config("sarathi", budget=BudgetConfig(kind="feedback", tbt_slo_ms=50, tile=16))
     sched = make_scheduler(cfg, 64)
