@@ -189,6 +189,8 @@ class RequestTimer:
         self.start = start
         self.last: float | None = None
         self._on_started = on_started
+        self.finished = False
+        """`on_finish` ran (it counts the request once, however many paths end it)."""
 
     def _started(self) -> None:
         if self._on_started is not None:
@@ -212,6 +214,9 @@ class RequestTimer:
         self.m.tenant_generation_tokens.labels(tenant=self.tenant).inc(num_new_tokens)
 
     def on_finish(self, now: float, finish_reason: str, num_prompt_tokens: int) -> None:
+        if self.finished:
+            return
+        self.finished = True
         self._started()
         self.m.e2e_request_latency.labels(replica=self.replica).observe(now - self.start)
         self.m.prompt_tokens.labels(replica=self.replica).inc(num_prompt_tokens)

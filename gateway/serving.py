@@ -274,7 +274,7 @@ class Serving:
         streams = [c.stream for c in choices]
         if body.is_stream:
             events = self._sse(request, rid, body, choices, chat, prompt_tokens)
-            return SSEResponse(events, streams)
+            return SSEResponse(events, streams, on_close=lambda: self._abandon(choices))
         try:
             done = await self._collect(request, choices)
         finally:
@@ -310,9 +310,15 @@ class Serving:
         finally:
             watch_task.cancel()
             gather_task.cancel()
-            for c in choices:
-                if c.finish_reason is None and c.timer is not None:
-                    c.timer.on_finish(time.perf_counter(), "abort", len(c.prompt_ids))
+            self._abandon(choices)
+
+    @staticmethod
+    def _abandon(choices: list[Choice]) -> None:
+        """End the timers of choices that did not finish (client gone, error): their metrics are
+        counted as aborts and their tenant's quota is released. Idempotent."""
+        for c in choices:
+            if c.finish_reason is None and c.timer is not None:
+                c.timer.on_finish(time.perf_counter(), "abort", len(c.prompt_ids))
 
     def _record(self, request: Request, choices: list[Choice]) -> None:
         request.state.completion_tokens = sum(c.completion_tokens for c in choices)
@@ -394,7 +400,7 @@ class Serving:
         finally:
             for c in choices:
                 if c.finish_reason is None:
-                    assert c.stream is not None and c.timer is not None
+                    assert c.stream is not None
                     c.stream.abort()
-                    c.timer.on_finish(time.perf_counter(), "abort", len(c.prompt_ids))
+            self._abandon(choices)
         yield "data: [DONE]\n\n"

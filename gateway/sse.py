@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import Request
@@ -21,12 +21,16 @@ class SSEResponse(StreamingResponse):
     """StreamingResponse that always closes its generator and aborts its requests if they did not
     finish (client gone, or the body was never iterated). Starlette cancels the body as soon as
     the client disconnects (ASGI spec < 2.4 listens for http.disconnect), so the abort goes out
-    at once, not at the next token."""
+    at once, not at the next token. `on_close` runs last, whatever happened: a generator that
+    was never started never runs its own `finally`, and what it would have released there (a
+    tenant's quota, the request's metrics) must not leak."""
 
-    def __init__(self, content: AsyncIterator[str], streams: Sequence[RequestStream]) -> None:
+    def __init__(self, content: AsyncIterator[str], streams: Sequence[RequestStream],
+                 on_close: Callable[[], None] | None = None) -> None:
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.streams = list(streams)
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -37,6 +41,8 @@ class SSEResponse(StreamingResponse):
                 await aclose()
             for stream in self.streams:
                 stream.abort()
+            if self.on_close is not None:
+                self.on_close()
 
 
 async def wait_disconnect(request: Request) -> None:

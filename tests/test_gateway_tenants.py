@@ -157,3 +157,45 @@ def test_serve_options_reach_the_gateway_and_scheduler_configs():
     cfg = apply_overrides(EngineConfig(model_dir="unused"), {"tenant_weights": {"b": 1, "a": 2}})
     assert cfg.scheduler.tenant_weights == (("a", 2.0), ("b", 1.0))
     assert EngineConfig.from_dict(cfg.to_dict()).scheduler.tenant_weights == (("a", 2.0), ("b", 1.0))
+
+
+def test_a_stream_whose_body_never_ran_still_releases_its_tenant_quota():
+    """A streaming response whose client is gone before the body starts never runs the body's
+    `finally`; `SSEResponse.on_close` ends the request's timer instead, once, and with it the
+    tenant's hold on its quota. Without it the tenant would be refused (429) for good."""
+    import asyncio
+
+    from gateway.errors import APIError
+    from gateway.metrics import GatewayMetrics, RequestTimer
+    from starlette.requests import ClientDisconnect
+
+    from gateway.sse import SSEResponse
+
+    tenants = Tenants(GatewayConfig(model_name=MODEL, max_model_len=8, tenant_max_waiting=1))
+    metrics = GatewayMetrics()
+    tenants.acquire("a", 1)
+    with pytest.raises(APIError):
+        tenants.acquire("a", 1)    # the quota is held
+    timer = RequestTimer(metrics, "r0", 0.0, "a", on_started=lambda: tenants.release("a"))
+    ran = []
+
+    async def body():
+        ran.append(True)
+        yield "data: never\n\n"
+
+    async def gone(message):
+        raise OSError("client went away before the headers")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    response = SSEResponse(body(), [], on_close=lambda: timer.on_finish(1.0, "abort", 3))
+    with pytest.raises((OSError, ClientDisconnect)):   # Starlette reports it as a disconnect
+        asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, gone))
+    assert not ran and timer.finished
+    timer.on_finish(2.0, "abort", 3)    # a second path ending it counts nothing twice
+    tenants.acquire("a", 1)             # released exactly once: one more fits, a second does not
+    with pytest.raises(APIError):
+        tenants.acquire("a", 1)
+    done = metrics.request_success.labels(replica="r0", finished_reason="abort")._value.get()
+    assert done == 1
