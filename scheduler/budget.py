@@ -294,7 +294,10 @@ class SloBudget:
       measured steps (non-negative marginal costs, relative error), so a machine that runs
       slower (or faster) than its profile is learned within a few hundred steps.
     - Residual correction: predictions are multiplied by the `quantile` of measured/predicted
-      over the last `residual_window` steps with decodes. Aiming under the SLO by the model's
+      over the last `residual_window` steps with decodes *and prefill* -- the steps whose size a
+      room chose. Decode-only steps are left out: they are many and short, a few ms of hiccup is
+      a large ratio there, and their tail would scale down every chunk's prediction (measured:
+      smaller chunks over more steps, a worse TTFT than a static budget with the same P99). Aiming under the SLO by the model's
       own recent tail error covers the noise the linear model cannot explain; the factor can go
       below 1 when the model overpredicts. Until `min_residuals` steps are measured it is 1.
     - Steps without a running decode are not capped (up to `value`): no token is waiting on
@@ -392,8 +395,9 @@ class SloBudget:
         row = f.vector()
         self._x.append(row)
         self._y.append(stats.step_time)
-        self._res_x.append(row)
-        self._res_y.append(stats.step_time)
+        if f.prefill_tokens:   # the steps a room sized (see the class docstring)
+            self._res_x.append(row)
+            self._res_y.append(stats.step_time)
         self._since_fit += 1
         if self._since_fit >= self.refit_every:
             self._refit()

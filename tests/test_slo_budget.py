@@ -236,3 +236,18 @@ def test_sim_slo_budget_learns_a_cost_its_profile_underestimates():
 
 def test_the_slo_budget_imports_no_torch():
     run_without_torch("from scheduler.budget import SloBudget; import sim.cli")
+
+
+def test_short_decode_only_hiccups_do_not_shrink_every_chunk():
+    """The residual correction is taken over the steps that carried prefill, whose size a room
+    chose: decode-only steps that now and then take twice their prediction (a few ms on a short
+    step, a large ratio) must not scale down every chunk."""
+    budget = _slo(refit_every=10**6)   # no refit: the correction alone is under test
+    for i in range(120):
+        f = StepFeatures.uniform(0, 8, 300)   # decode-only, every fourth one a 2x hiccup
+        budget.observe(_stats(f, MODEL.predict(f) * (2.0 if i % 4 == 0 else 1.0), i))
+        g = StepFeatures.uniform(128, 8, 300)   # a prefill-carrying step, as predicted
+        budget.observe(_stats(g, MODEL.predict(g), i))
+    assert budget.correction == pytest.approx(1.0)
+    step = StepFeatures.uniform(0, 8, 300)
+    assert budget.room(step, 0) == _slo().room(step, 0)
