@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from cluster.spec import KV_CODECS, KV_TRANSPORTS
 from scheduler.config import BUDGET_HELP, BUDGET_KINDS
 
 log = logging.getLogger("tandem")
@@ -399,29 +400,22 @@ def cmd_bench_engine(args: argparse.Namespace) -> None:
                      prefill_len=args.prefill_len, repeats=args.repeats)
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """The records of a JSON-lines file, gzipped when its name ends in .gz."""
-    import gzip
-    import json
-
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def cmd_profile(args: argparse.Namespace) -> None:
-    from engine.profiler import profile, save_profile
-    from engine.runner import ModelRunner
-    from engine.model_config import ModelConfig
-    from scheduler.budget import StepTimeModel, samples_from_trace
+    from scheduler.budget import StepTimeModel, samples_from_trace, save_profile
     from scheduler.policies import profiled_budget
+    from scheduler.telemetry import read_step_trace
 
     cfg = engine_config_from_args(args)
     if args.from_trace:
         try:
-            samples = [s for path in args.from_trace for s in samples_from_trace(read_jsonl(path))]
+            samples = [s for path in args.from_trace for s in samples_from_trace(read_step_trace(path))]
         except (OSError, ValueError, TypeError) as e:
             sys.exit(f"tandem profile --from-trace: {e}")
     else:
+        from engine.model_config import ModelConfig
+        from engine.profiler import profile
+        from engine.runner import ModelRunner
+
         if cfg.threads:
             import torch
 
@@ -477,9 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
                         + ". Default: pd with prefill replicas, else round_robin.")
     d.add_argument("--offload-threshold", type=int, default=512,
                    help="pd routing: prompts longer than this many tokens are offloaded.")
-    d.add_argument("--kv-transport", choices=["zmq", "torch"], default="zmq",
+    d.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="zmq",
                    help="zmq (any device) or torch (torch.distributed: Gloo on CPU, NCCL on GPU).")
-    d.add_argument("--kv-codec", choices=["raw", "lz4", "int8", "fp8"], default="raw",
+    d.add_argument("--kv-codec", choices=KV_CODECS, default="raw",
                    help="KV codec on the wire. raw (default) and lz4 are lossless; lz4 saves only ~8%% (fp32) to ~15%% (bf16) of KV bytes and is slower than a local link, so it pays only on slow links. int8/fp8 are lossy (4x smaller in fp32; see bench-kv-accuracy).")
     d.add_argument("--kv-timeout", type=float, default=30.0,
                    help="A KV transfer with no progress for this long fails; the decode replica "
@@ -503,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "print the budget it implies for a few TBT SLOs.",
     )
     _add_engine_args(prof)
-    prof.add_argument("--out", default="tandem-profile.json", help="Where to write the profile.")
+    prof.add_argument("--out", default="tandem-profile.json", help="Where to write the profile (JSON; gzipped when the name ends in .gz).")
     prof.add_argument("--repeats", type=int, default=3, help="Timed forwards per grid point.")
     prof.add_argument("--from-trace", nargs="+", metavar="STEPS_JSONL", default=None,
                       help="Fit the profile from served steps instead of timing a grid: the "
@@ -552,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # httpx logs every request at INFO: one line per benchmark request, or per health poll
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     args.func(args)

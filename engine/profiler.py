@@ -10,7 +10,6 @@ output itself, and `StepTimeModel` is fitted on them. A profile is machine-speci
 """
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -18,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine.runner import ModelRunner
-from scheduler.budget import ProfileSample, StepFeatures, StepTimeModel, samples_from_json, samples_to_json
+from scheduler.budget import ProfileSample, StepFeatures, StepTimeModel, load_profile, save_profile
 from scheduler.config import BudgetConfig, SchedulerConfig
 from scheduler.policies import make_scheduler
 from scheduler.request import Request, SamplingParams
@@ -127,14 +126,6 @@ def profile(runner: ModelRunner, config: SchedulerConfig, repeats: int = 3) -> l
                  shape.prefill_tokens, shape.prefill_chunks, shape.decodes, shape.context,
                  sample.step_time * 1e3)
     return samples
-
-
-def save_profile(samples: list[ProfileSample], path: str | Path) -> None:
-    Path(path).write_text(json.dumps({"samples": samples_to_json(samples)}, indent=1))
-
-
-def load_profile(path: str | Path) -> list[ProfileSample]:
-    return samples_from_json(json.loads(Path(path).read_text())["samples"])
 
 
 def load_or_profile(runner: ModelRunner, config: SchedulerConfig) -> StepTimeModel | None:

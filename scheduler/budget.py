@@ -10,9 +10,12 @@ No torch here: the simulator drives the same controllers.
 """
 from __future__ import annotations
 
+import gzip
+import json
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -239,6 +242,23 @@ def samples_from_json(rows: list[dict]) -> list[ProfileSample]:
             f = StepFeatures(**r)
         samples.append(ProfileSample(f, t))
     return samples
+
+
+def save_profile(samples: list[ProfileSample], path: str | Path) -> None:
+    """A profile JSON (`tandem profile --out`): {"samples": [features + step_time, ...]};
+    gzipped when the name ends in .gz (a profile fitted on served steps has thousands)."""
+    text = json.dumps({"samples": samples_to_json(samples)}, indent=1)
+    if str(path).endswith(".gz"):
+        Path(path).write_bytes(gzip.compress(text.encode(), mtime=0))
+    else:
+        Path(path).write_text(text)
+
+
+def load_profile(path: str | Path) -> list[ProfileSample]:
+    data = Path(path).read_bytes()
+    if str(path).endswith(".gz"):
+        data = gzip.decompress(data)
+    return samples_from_json(json.loads(data)["samples"])
 
 
 PRIOR_CONTEXTS = (0, 128, 512, 1024, 2048)

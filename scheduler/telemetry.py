@@ -56,3 +56,13 @@ def iteration_stats(scheduler: "Scheduler", out: "SchedulerOutput", *, iteration
         decode_context=out.features.decode_context if out.features else 0,
         prefill_attention=out.features.prefill_attention if out.features else 0.0,
     )
+
+
+def read_step_trace(path: str) -> list[dict]:
+    """The records a `tandem serve --trace-file` wrote (one JSON object per step, each with the
+    replica id and the `IterationStats` fields); gzipped when the name ends in .gz."""
+    import gzip
+    import json
+
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]

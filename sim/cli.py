@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import asdict
 
+from cluster.spec import KV_CODECS
 from scheduler.config import BUDGET_KINDS, STEP_MODEL_BUDGETS
 from sim.specs import DEVICES, LINKS, MODELS
 
@@ -80,6 +81,12 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
                    help="Step-time model: roofline (from --model/--device/--tp) or profiled (a "
                         "`tandem profile` JSON, --profile).")
     g.add_argument("--profile", default=None, metavar="PATH", help="Profile JSON for --cost profiled.")
+    g.add_argument("--step-variation", nargs="+", default=None, metavar="STEPS",
+                   help="With --cost profiled: per-step telemetry of served runs (`tandem serve "
+                        "--trace-file`, .jsonl or .jsonl.gz). Every simulated step is then the "
+                        "profile's time x a factor replayed from how those steps varied around it "
+                        "(the machine's slow stretches and each step's jitter; sim/noise.py), "
+                        "drawn with --seed. Default: every step takes the profile's time.")
     g.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV blocks per replica (default: device memory minus weights and reserve).")
     add_scheduling_args(p)
@@ -95,11 +102,15 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--offload-threshold", type=int, default=512)
     c.add_argument("--kv-link", choices=sorted(LINKS), default="infiniband",
                    help="Link between prefill and decode replicas (default infiniband).")
-    c.add_argument("--kv-codec", choices=["raw", "lz4", "int8", "fp8"], default="raw")
+    c.add_argument("--kv-codec", choices=KV_CODECS, default="raw",
+                   help="KV codec on the wire (its byte ratio: sim/cluster.py CODEC_RATIO).")
     c.add_argument("--gateway-delay-ms", type=float, default=0.0,
                    help="Per-token delay from a replica's step end to the client (output framing, "
                         "ZeroMQ, the gateway, HTTP), added to TTFT and end-to-end latency (default "
                         "0; `tandem sim fidelity` measures it for this machine's server).")
+    c.add_argument("--arrival-delay-ms", type=float, default=0.0,
+                   help="Delay from a request's arrival at the gateway to its replica (HTTP, "
+                        "routing, ZeroMQ), added to TTFT and end-to-end latency (default 0).")
     c.add_argument("--label", default=None, help="Name of the run in JSON and plots.")
     c.add_argument("--json", dest="json_out", metavar="OUT", default=None, help="Write results as JSON here.")
     add_workload_args(p)
@@ -109,15 +120,18 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
 def build_cluster_factory(args: argparse.Namespace):
     """A function making a fresh `Cluster` from the options (one per run or trial)."""
     from sim.cluster import Cluster, KVLink
+    from scheduler.telemetry import read_step_trace
     from sim.cost import ProfiledCost, RooflineCost
+    from sim.noise import StepVariation
     from sim.replica import SimReplica, num_kv_blocks
     from sim.specs import get_device, get_link, get_model
 
     model, device = get_model(args.model), get_device(args.device)
     if args.pp < 1:
         raise ValueError(f"--pp must be >= 1, got {args.pp}")
-    if args.gateway_delay_ms < 0:
-        raise ValueError(f"--gateway-delay-ms must be >= 0, got {args.gateway_delay_ms}")
+    for flag in ("gateway_delay_ms", "arrival_delay_ms"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     pp_link = args.pp_link or (device.intra_link if args.tp * args.pp <= GPUS_PER_NODE else "100gbe")
     if args.cost == "profiled":
         if not args.profile:
@@ -128,6 +142,13 @@ def build_cluster_factory(args: argparse.Namespace):
         cost = ProfiledCost.from_json(args.profile)
     else:
         cost = RooflineCost(model, device, tp=args.tp, pp=args.pp, pp_link=get_link(pp_link))
+    variation = None
+    if args.step_variation:
+        if args.cost != "profiled":
+            raise ValueError("--step-variation needs --cost profiled: the variation is measured "
+                             "around the profile's step-time model")
+        variation = StepVariation.from_trace([read_step_trace(p) for p in args.step_variation],
+                                             cost.model)
     blocks = args.num_kv_blocks or num_kv_blocks(model, device, args.tp, args.block_size,
                                                  pp=args.pp)
     config = scheduler_config(args)
@@ -142,13 +163,16 @@ def build_cluster_factory(args: argparse.Namespace):
     kv = KVLink(get_link(args.kv_link), model.kv_bytes_per_token(), args.kv_codec)
 
     def make() -> Cluster:
-        replicas = [SimReplica(f"{role}-{i}", role, config, blocks, cost, step_model, args.model)
+        replicas = [SimReplica(f"{role}-{i}", role, config, blocks, cost, step_model, args.model,
+                               noise=variation.sampler(args.seed + i) if variation else None)
                     for i, role in enumerate(roles)]
         return Cluster(replicas, routing, args.offload_threshold, kv, model_name=args.model,
-                       token_delay_s=args.gateway_delay_ms / 1e3)
+                       token_delay_s=args.gateway_delay_ms / 1e3,
+                       arrival_delay_s=args.arrival_delay_ms / 1e3)
 
     info = {"model": args.model, "device": device.name, "tp": args.tp, "pp": args.pp,
             "pp_link": pp_link if args.pp > 1 else None, "cost": args.cost,
+            "step_variation": args.step_variation,
             "num_kv_blocks": blocks, "replicas": roles, "routing": routing,
             "kv_link": args.kv_link, "kv_codec": args.kv_codec, "scheduler": asdict(config)}
     return make, info
@@ -285,7 +309,7 @@ def cmd_sim_fidelity(args: argparse.Namespace) -> None:
     from sim.fidelity import compare, format_comparison
 
     try:
-        rows, delays = compare(args.run_dir)
+        rows, delays = compare(args.run_dir, seeds=args.seeds)
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"error: {args.run_dir}: {e}") from None
     print(format_comparison(rows, delays))
@@ -296,6 +320,7 @@ def cmd_sim_fidelity(args: argparse.Namespace) -> None:
 def add_sim_commands(subparsers) -> None:
     """Register `sim run`, `sim capacity` and `sim placement` on an argparse subparsers object."""
     from bench.cli import WORKLOAD_EPILOG, add_search_args
+    from sim.fidelity import DEFAULT_SEEDS
 
     fmt = argparse.RawDescriptionHelpFormatter
     sim = subparsers.add_parser(
@@ -340,11 +365,15 @@ def add_sim_commands(subparsers) -> None:
     pl.set_defaults(func=cmd_sim_placement)
     f = sub.add_parser(
         "fidelity", help="Compare the profiled simulator with a recorded real run (P50/P99 TTFT, TBT).",
-        description="Replays a recorded run's workload on the simulator with its `tandem profile` "
-                    "and scheduler settings, and prints real vs simulated P50/P99 TTFT and TBT. "
-                    "Record one with tests/fixtures/sim_fidelity/record.sh. See sim/fidelity.py.")
+        description="Replays a recorded run's workload on the simulator with the profile, gateway "
+                    "delays and step-time variation measured on its calibration run, and prints "
+                    "real vs simulated P50/P99 TTFT and TBT (the median over --seeds simulations, "
+                    "their range, and the simulation without variation). Record one with "
+                    "tests/fixtures/sim_fidelity/record.sh. See sim/fidelity.py.")
     f.add_argument("run_dir", nargs="?", default="tests/fixtures/sim_fidelity",
                    help="Directory of the recorded run (default: the committed one).")
+    f.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+                   help="Simulations with step-time variation, one seed each (default: %(default)s).")
     f.set_defaults(func=cmd_sim_fidelity)
     from sim.paper import add_paper_command
 

@@ -34,8 +34,10 @@ approximates fair sharing of a port (N transfers through one NIC each take ~N ti
 The queue is head-of-line blocking: a message waiting for a busy receiver also holds its
 sender's port, so this errs on the slow side when one sender feeds several busy receivers.
 
+The gateway is two constant delays (`token_delay_s`, `arrival_delay_s`), not a queue.
+
 Not modelled yet: pipeline activations and other traffic on the NICs (a stage's send gets its
-`pp_link` to itself), the gateway's own per-token delay, failures.
+`pp_link` to itself), failures.
 """
 from __future__ import annotations
 
@@ -158,7 +160,7 @@ class Cluster:
                  offload_threshold: int = 512, kv_link: KVLink | None = None,
                  model_name: str = "sim",
                  placement: Sequence[Sequence[Rank]] | None = None,
-                 token_delay_s: float = 0.0) -> None:
+                 token_delay_s: float = 0.0, arrival_delay_s: float = 0.0) -> None:
         if not replicas:
             raise ValueError("a cluster needs at least one replica")
         if any(r.role == "prefill" for r in replicas) and kv_link is None:
@@ -174,11 +176,15 @@ class Cluster:
         self.routing = routing
         self.kv_link = kv_link
         self.model_name = model_name
-        if token_delay_s < 0:
-            raise ValueError(f"token_delay_s must be >= 0, got {token_delay_s}")
+        for name, value in (("token_delay_s", token_delay_s), ("arrival_delay_s", arrival_delay_s)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         self.token_delay_s = token_delay_s
         """Gateway's per-token delay: from a replica's step end to the client (framing, ZeroMQ,
         the gateway, HTTP); shifts TTFT and end-to-end latency, not the gaps between tokens."""
+        self.arrival_delay_s = arrival_delay_s
+        """Gateway's delay from a request's arrival to its replica (HTTP, routing, ZeroMQ, the
+        replica loop waking): the request reaches the replica's inbox this much later."""
         self._heap: list = []
         self._seq = itertools.count()
         self._tracked: dict[int, _Tracked] = {}
@@ -226,7 +232,14 @@ class Cluster:
         charge(placement, load)
         tr = self._tracked[index] = _Tracked(index, now, prompt, output, load, replica, prefill,
                                              prefill_replica=prefill)
-        self._send(replica, lambda t: self._add(t, tr), now)
+        message = lambda t: self._add(t, tr)  # noqa: E731
+        if self.arrival_delay_s:
+            self._at(now + self.arrival_delay_s, self._deliver, replica, message)
+        else:
+            self._send(replica, message, now)
+
+    def _deliver(self, now: float, replica: SimReplica, message) -> None:
+        self._send(replica, message, now)
 
     def _add(self, now: float, tr: _Tracked) -> None:
         """The streaming replica receives the request (decode_node `handle_add`)."""

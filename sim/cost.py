@@ -32,12 +32,11 @@ below are a priori estimates with their reasons, not fitted to any result.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Protocol
 
 from engine.model_config import DTYPE_BYTES
-from scheduler.budget import ProfileSample, StepFeatures, StepTimeModel, samples_from_json
+from scheduler.budget import ProfileSample, StepFeatures, StepTimeModel, load_profile
 from scheduler.core import SchedulerOutput
 from sim.specs import Device, Link, ModelSpec, get_link
 
@@ -89,8 +88,7 @@ class ProfiledCost:
     @classmethod
     def from_json(cls, path: str | Path) -> "ProfiledCost":
         """Fit from a `tandem profile` JSON ({"samples": [...]})."""
-        rows = json.loads(Path(path).read_text())["samples"]
-        return cls(StepTimeModel.fit(samples_from_json(rows)))
+        return cls(StepTimeModel.fit(load_profile(path)))
 
     def step_time(self, out: SchedulerOutput) -> float:
         return max(0.0, self.model.predict(StepFeatures.of(out.chunks)))

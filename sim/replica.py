@@ -23,6 +23,9 @@ simulator models no prefix sharing between requests. Like the real replica loop,
 that reach a replica during a step (new requests, KV landings) are applied at the next step
 boundary (`inbox`), never between `schedule` and `update`.
 
+With `noise` (a `sim.noise.StepNoise`), every step's (and every stage's) time is multiplied by
+its factor at the step's start: the variation of a served run's steps around the cost model.
+
 The KV cache gets what is left of the device memory after the weights and an activation reserve,
 divided by the engine's own `kv_bytes_per_block`; with stages, each GPU holds its stage's layers
 (and their KV) only.
@@ -43,6 +46,7 @@ from scheduler.policies import make_scheduler
 from scheduler.request import Request, SamplingParams
 from scheduler.telemetry import iteration_stats
 from sim.cost import CostModel, stage_layers
+from sim.noise import StepNoise
 from sim.specs import Device, ModelSpec
 
 RESERVED_MEMORY_FRACTION = 0.10
@@ -109,10 +113,10 @@ class SimReplica:
 
     def __init__(self, replica_id: str, role: str, config: SchedulerConfig, num_blocks: int,
                  cost: CostModel, step_model: StepTimeModel | None = None,
-                 model_name: str = "sim") -> None:
+                 model_name: str = "sim", noise: StepNoise | None = None) -> None:
         if role not in ("hybrid", "prefill", "decode"):
             raise ValueError(f"role must be hybrid, prefill or decode, got {role!r}")
-        self.replica_id, self.role, self.cost = replica_id, role, cost
+        self.replica_id, self.role, self.cost, self.noise = replica_id, role, cost, noise
         # Simulated prompts are placeholders ([0] * prompt_len, see `make_request`): with prefix
         # caching every prompt would share every other's blocks. The simulator models no prefix
         # sharing, so its schedulers run with caching off whatever the config says.
@@ -157,13 +161,15 @@ class SimReplica:
         out = self.sched.schedule(now)
         if out.is_empty:
             return None
+        scale = self.noise.factor(now, out.num_prefill_tokens > 0) if self.noise else 1.0
         if self.pp == 1:
-            step = Step(out, now, self.cost.step_time(out))
+            step = Step(out, now, self.cost.step_time(out) * scale)
             self.stage_free[0] = step.end
             self.stage_busy_s[0] += step.dt
         else:
             ends, t = [], now
             for s, busy in enumerate(self.cost.stage_times(out)):
+                busy *= scale
                 t = max(t, self.stage_free[s]) + busy
                 self.stage_free[s] = t
                 self.stage_busy_s[s] += busy

@@ -168,3 +168,15 @@ def test_encoded_frames_cover_every_layer_and_block_once():
         seen |= {(layer, b) for layer in range(*h["layers"]) for b in h["blocks"]}
         assert wire_bytes(parts) > h["raw_bytes"]
     assert seen == {(layer, b) for layer in range(5) for b in dst}
+
+
+def test_every_codec_name_list_is_the_codecs_module():
+    """The spec and both CLIs take their codec and transport names from cluster/spec.py (torch-
+    free), and the simulator prices each codec: all must name exactly what kv_transfer has."""
+    from cluster.spec import KV_CODECS, KV_TRANSPORTS
+    from kv_transfer.codecs import CODECS
+    from kv_transfer.transport import TRANSPORTS
+    from sim.cluster import CODEC_RATIO
+
+    assert set(KV_CODECS) == set(CODECS) == set(CODEC_RATIO)
+    assert set(KV_TRANSPORTS) == set(TRANSPORTS) - {"fake"}

@@ -254,7 +254,7 @@ def test_profile_from_trace_command(tmp_path):
     import json
 
     from cluster.cli import build_parser
-    from engine.profiler import load_profile
+    from scheduler.budget import load_profile
 
     trace = tmp_path / "steps.jsonl.gz"
     with gzip.open(trace, "wt") as f:
@@ -268,6 +268,14 @@ def test_profile_from_trace_command(tmp_path):
     args = build_parser().parse_args(["profile", "--from-trace", str(bad), "--out", str(out)])
     with pytest.raises(SystemExit, match="no step features"):
         args.func(args)
+    from tests.no_torch import run_without_torch
+
+    packed = tmp_path / "profile.json.gz"  # gzipped by its name; --from-trace needs no torch
+    run_without_torch(f"""
+        from cluster.cli import main
+        main(["profile", "--from-trace", {str(trace)!r}, "--out", {str(packed)!r}])
+    """)
+    assert packed.read_bytes()[:2] == b"\x1f\x8b" and load_profile(packed) == load_profile(out)
 
 
 def test_feedback_policy_wires_through_make_scheduler():
@@ -351,7 +359,7 @@ def test_profiled_budget_with_too_few_samples_starts_on_the_static_budget(tiny_m
     the replica: it serves with --token-budget and says so in the log."""
     from engine.config import EngineConfig
     from engine.core import EngineCore
-    from engine.profiler import save_profile
+    from scheduler.budget import save_profile
     from scheduler.budget import StaticBudget
     from scheduler.config import BudgetConfig, SchedulerConfig
 

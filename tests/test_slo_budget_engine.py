@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
-from engine.profiler import save_profile
+from scheduler.budget import save_profile
 from engine.protocol import StepOutputs, decode, encode
 from scheduler.budget import (PRIOR_CHUNKS, PRIOR_DECODES, ProfileSample, SloBudget, StepFeatures,
                               StepTimeModel)
