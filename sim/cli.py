@@ -119,8 +119,8 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
 
 def build_cluster_factory(args: argparse.Namespace):
     """A function making a fresh `Cluster` from the options (one per run or trial)."""
-    from sim.cluster import Cluster, KVLink
     from scheduler.telemetry import read_step_trace
+    from sim.cluster import Cluster, KVLink
     from sim.cost import ProfiledCost, RooflineCost
     from sim.noise import StepVariation
     from sim.replica import SimReplica, num_kv_blocks
@@ -366,7 +366,7 @@ def add_sim_commands(subparsers) -> None:
     f = sub.add_parser(
         "fidelity", help="Compare the profiled simulator with a recorded real run (P50/P99 TTFT, TBT).",
         description="Replays a recorded run's workload on the simulator with the profile, gateway "
-                    "delays and step-time variation measured on its calibration run, and prints "
+                    "delays and step-time variation measured on its calibration runs, and prints "
                     "real vs simulated P50/P99 TTFT and TBT (the median over --seeds simulations, "
                     "their range, and the simulation without variation). Record one with "
                     "tests/fixtures/sim_fidelity/record.sh. See sim/fidelity.py.")

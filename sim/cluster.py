@@ -41,6 +41,7 @@ Not modelled yet: pipeline activations and other traffic on the NICs (a stage's 
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 from collections.abc import Iterable, Sequence
@@ -232,7 +233,7 @@ class Cluster:
         charge(placement, load)
         tr = self._tracked[index] = _Tracked(index, now, prompt, output, load, replica, prefill,
                                              prefill_replica=prefill)
-        message = lambda t: self._add(t, tr)  # noqa: E731
+        message = functools.partial(self._add, tr=tr)
         if self.arrival_delay_s:
             self._at(now + self.arrival_delay_s, self._deliver, replica, message)
         else:
