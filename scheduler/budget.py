@@ -181,8 +181,8 @@ class StepTimeModel:
 
         t = c0 + c1*P + c2*D + c3*sum(decode ctx) + c4*sum(p*(ctx+p/2)) + c5*seqs
 
-    fitted to profiled steps; the simulator's `profiled` cost model and the `profiled` budget both
-    read it.
+    (c1..c5 >= 0) fitted to profiled steps; the simulator's `profiled` cost model and the
+    `profiled` budget both read it.
     """
 
     def __init__(self, coef: list[float]) -> None:
@@ -199,9 +199,9 @@ class StepTimeModel:
         x = np.array([s.features.vector() for s in samples])
         y = np.array([s.step_time for s in samples])
         # Minimise relative error: steps span 100x, and small ones matter as much as big ones.
-        w = 1.0 / np.maximum(y, 1e-6)
-        coef, *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
-        return cls(coef.tolist())
+        # Marginal costs >= 0: on served steps decodes and sequences move together, and a free
+        # fit trades a negative cost per decode against a large one per sequence.
+        return cls(fit_nonnegative(x, y, 1.0 / np.maximum(y, 1e-6)).tolist())
 
     def predict(self, features: StepFeatures) -> float:
         return float(np.dot(self.coef, features.vector()))
