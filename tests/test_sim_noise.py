@@ -78,15 +78,15 @@ def test_rows_without_work_are_skipped_and_empty_traces_refused():
         StepVariation.from_trace([[idle]], MODEL)
 
 
-def _one_request_cluster(**kw) -> Cluster:
+def _one_request_cluster(noise=None, **kw) -> Cluster:
     config = SchedulerConfig(policy="sarathi", token_budget=256, max_model_len=2048, block_size=16)
-    return Cluster([SimReplica("hybrid-0", "hybrid", config, 512, ProfiledCost(MODEL), **kw.pop("replica", {}))], **kw)
+    return Cluster([SimReplica("hybrid-0", "hybrid", config, 512, ProfiledCost(MODEL), noise=noise)], **kw)
 
 
 def test_variation_scales_every_simulated_step():
     doubled = StepVariation(np.full(10, math.log(2.0)), np.zeros(1), np.zeros(1))
     plain = summarize(_one_request_cluster().run([(0.0, 100, 5)]).run, None)
-    slow = summarize(_one_request_cluster(replica={"noise": doubled.sampler(0)}).run([(0.0, 100, 5)]).run, None)
+    slow = summarize(_one_request_cluster(noise=doubled.sampler(0)).run([(0.0, 100, 5)]).run, None)
     assert slow["ttft_s"]["p50"] == pytest.approx(2 * plain["ttft_s"]["p50"])
     assert slow["tbt_s"]["p50"] == pytest.approx(2 * plain["tbt_s"]["p50"])
 
