@@ -51,12 +51,12 @@ class StepVariation:
     @classmethod
     def from_trace(cls, runs: Sequence[Sequence[dict]], model: StepTimeModel,
                    window_s: float = 5.0) -> "StepVariation":
-        """`runs`: the per-step records of each served run (`--trace-file` rows, in order)."""
+        """`runs`: the per-step records of each served run (`--trace-file` rows); each replica's
+        steps are a timeline of their own."""
         if window_s <= 0:
             raise ValueError(f"window_s must be > 0, got {window_s}")
         slow, jitter = [], {True: [], False: []}
-        for rows in runs:
-            rows = [r for r in rows if r.get("num_seqs")]  # the steps samples_from_trace keeps
+        for rows in _per_replica(runs):
             samples = samples_from_trace(rows)
             if not samples:
                 continue
@@ -65,7 +65,7 @@ class StepVariation:
             log_ratio = np.log([s.step_time / max(model.predict(s.features), 1e-6) for s in samples])
             prefill = np.array([s.features.prefill_tokens > 0 for s in samples])
             decode_t, decode_lr = starts[~prefill], log_ratio[~prefill]
-            grid = np.arange(starts[0], ends[-1], GRID_S)
+            grid = np.arange(starts[0], max(ends[-1], starts[0] + GRID_S), GRID_S)
             lo = np.searchsorted(decode_t, grid - window_s / 2)
             hi = np.searchsorted(decode_t, grid + window_s / 2)
             overall = float(np.median(decode_lr)) if len(decode_lr) else 0.0
@@ -83,6 +83,19 @@ class StepVariation:
 
     def sampler(self, seed: int) -> "StepNoise":
         return StepNoise(self, seed)
+
+
+def _per_replica(runs: Sequence[Sequence[dict]]) -> list[list[dict]]:
+    """Each run's steps that computed something, one time-ordered list per replica (replicas of
+    one server append to the same trace file)."""
+    out = []
+    for rows in runs:
+        by_replica: dict[str, list[dict]] = {}
+        for r in rows:
+            if r.get("num_seqs"):   # the steps samples_from_trace keeps
+                by_replica.setdefault(r.get("replica", ""), []).append(r)
+        out += [sorted(steps, key=lambda r: r["time"]) for steps in by_replica.values()]
+    return out
 
 
 class StepNoise:

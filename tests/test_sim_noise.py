@@ -69,6 +69,15 @@ def test_a_sampler_is_deterministic_for_its_seed():
     assert draws(1) == draws(1) and draws(1) != draws(2)
 
 
+def test_replicas_sharing_a_trace_file_are_timelines_of_their_own():
+    slow = [dict(r, replica="hybrid-1") for r in _served(40, slow_after=0, slow=2.0)]
+    mixed = sorted(_served(40, slow_after=1e9, slow=1.0) + slow, key=lambda r: r["time"])
+    v = StepVariation.from_trace([mixed], MODEL)
+    assert v.duration_s == pytest.approx(80, abs=2)
+    assert np.sort(np.exp(v.slow_log))[[5, -5]] == pytest.approx([1.0, 2.0])
+    assert np.mean(np.abs(v.jitter_decode) < 1e-9) > 0.95
+
+
 def test_rows_without_work_are_skipped_and_empty_traces_refused():
     rows = _served(20, slow_after=1e9, slow=1.0)
     idle = dict(rows[0], num_seqs=0, num_decode_tokens=0, step_time=5.0)
