@@ -317,9 +317,10 @@ class SloBudget:
       over the last `residual_window` steps with decodes *and prefill* -- the steps whose size a
       room chose. Decode-only steps are left out: they are many and short, a few ms of hiccup is
       a large ratio there, and their tail would scale down every chunk's prediction (measured:
-      smaller chunks over more steps, a worse TTFT than a static budget with the same P99). Aiming under the SLO by the model's
-      own recent tail error covers the noise the linear model cannot explain; the factor can go
-      below 1 when the model overpredicts. Until `min_residuals` steps are measured it is 1.
+      smaller chunks over more steps, a worse TTFT than a static budget with the same P99).
+      Aiming under the SLO by the model's own recent tail error covers the noise the linear
+      model cannot explain; the factor can go below 1 when the model overpredicts. Until
+      `min_residuals` steps are measured it is 1.
     - Steps without a running decode are not capped (up to `value`): no token is waiting on
       them, the same reasoning as sarathi's `idle_token_budget`.
     - Infeasible steps: when the decodes alone are predicted over the SLO, counted in

@@ -1,6 +1,7 @@
 """Per-iteration telemetry: one record per engine step (also produced by the simulator)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -58,7 +59,7 @@ def iteration_stats(scheduler: "Scheduler", out: "SchedulerOutput", *, iteration
     )
 
 
-def read_step_trace(path: str) -> list[dict]:
+def read_step_trace(path: str | os.PathLike[str]) -> list[dict]:
     """The records a `tandem serve --trace-file` wrote (one JSON object per step, each with the
     replica id and the `IterationStats` fields); gzipped when the name ends in .gz."""
     import gzip

@@ -64,6 +64,11 @@ class Comparison:
         """Relative error of the simulation, (sim - real) / real."""
         return (self.sim - self.real) / self.real
 
+    @property
+    def fixed_error(self) -> float:
+        """The same for the simulation without variation."""
+        return (self.sim_fixed - self.real) / self.real
+
 
 @dataclass(frozen=True)
 class GatewayDelays:
@@ -115,7 +120,7 @@ def calibration_runs(run_dir: Path, policy: str) -> list[tuple[dict, list[dict]]
     runs = []
     for bench in sorted(run_dir.glob(f"cal-*-bench-{policy}.json")):
         steps = bench.with_name(bench.name.replace("-bench-", "-steps-")).with_suffix(".jsonl.gz")
-        runs.append((json.loads(bench.read_text()), read_step_trace(str(steps))))
+        runs.append((json.loads(bench.read_text()), read_step_trace(steps)))
     if not runs:
         raise ValueError(f"no calibration run of {policy} (cal-*-bench-{policy}.json) in {run_dir}")
     return runs
@@ -140,10 +145,10 @@ def compare(run_dir: str | Path, seeds: int = DEFAULT_SEEDS
     for policy in setup["policies"]:
         real = json.loads((d / f"bench-{policy}.json").read_text())
         delay = delays[policy] = gateway_delays(calibration[policy])
+        config = scheduler_config(setup, policy)
 
         def simulate(seed: int | None) -> dict:
-            replica = SimReplica("hybrid-0", "hybrid", scheduler_config(setup, policy),
-                                 setup["engine"]["num_kv_blocks"], cost,
+            replica = SimReplica("hybrid-0", "hybrid", config, setup["engine"]["num_kv_blocks"], cost,
                                  noise=None if seed is None else variation.sampler(seed))
             result = Cluster([replica], token_delay_s=delay.token_s,
                              arrival_delay_s=delay.arrival_s).run(requests)
@@ -168,7 +173,7 @@ def format_comparison(rows: list[Comparison], delays: dict[str, GatewayDelays]) 
     for r in rows:
         lines.append(f"{r.policy:<8} {r.metric:<10} {r.real * 1e3:>9.1f} {r.sim * 1e3:>9.1f} "
                      f"{r.error:>+7.1%} {r.sim_low * 1e3:>7.1f}-{r.sim_high * 1e3:<7.1f} "
-                     f"{r.sim_fixed * 1e3:>7.1f} ({(r.sim_fixed - r.real) / r.real:+.0%})")
+                     f"{r.sim_fixed * 1e3:>7.1f} ({r.fixed_error:+.0%})")
     lines.append("gateway delays (calibration runs): " + ", ".join(
         f"{p} arrival {v.arrival_s * 1e3:.1f} ms, token {v.token_s * 1e3:.1f} ms"
         for p, v in delays.items()))

@@ -359,8 +359,7 @@ def test_profiled_budget_with_too_few_samples_starts_on_the_static_budget(tiny_m
     the replica: it serves with --token-budget and says so in the log."""
     from engine.config import EngineConfig
     from engine.core import EngineCore
-    from scheduler.budget import save_profile
-    from scheduler.budget import StaticBudget
+    from scheduler.budget import StaticBudget, save_profile
     from scheduler.config import BudgetConfig, SchedulerConfig
 
     path = tmp_path / "profile.json"
